@@ -1,0 +1,118 @@
+"""Grouped-query self-attention with RoPE and selectable attention kernels.
+
+``linear_qkv`` is one fused projection laid out per query group as Megatron does: for each KV group, that group's
+query heads, then its key head, then its value head. Query head ``h`` belongs to group ``h // (heads / groups)``,
+which is the same pairing transformers' ``repeat_kv`` uses, so weights map across without permuting heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_mobilellm.config import ModelConfig
+
+try:  # optional accelerator; PyTorch's SDPA is the default path
+    from flash_attn import flash_attn_func
+
+    FLASH_ATTN_AVAILABLE = True
+except ImportError:
+    flash_attn_func = None
+    FLASH_ATTN_AVAILABLE = False
+
+BACKENDS = ("auto", "flash_attn", "sdpa", "eager")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``auto`` to the fastest kernel usable on ``device``; reject unusable explicit choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "flash_attn" and not FLASH_ATTN_AVAILABLE:
+        raise RuntimeError("--attention-backend flash_attn requested but the flash_attn package does not import")
+    if backend == "auto":
+        return "flash_attn" if FLASH_ATTN_AVAILABLE and device.type == "cuda" else "sdpa"
+    return backend
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables (rotate-half convention), computed in fp32 and cached per length/device/dtype.
+
+    Kept out of the state dict and built lazily so the model can be created on the meta device.
+    """
+
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        self.dim, self.base = dim, base
+        self._cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (seq_len, device, dtype)
+        if self._cache is None or self._cache[0] != key:
+            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float()
+                                            / self.dim))
+            pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs = torch.outer(pos, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (s, dim)
+            self._cache = (key, emb.cos().to(dtype), emb.sin().to(dtype))
+        return self._cache[1], self._cache[2]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (b, heads, s, d); cos/sin: (s, d)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The plain causal softmax attention; the reference every kernel is tested against. (b, h, s, d) layout."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = q.shape[2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Causal GQA attention. q: (b, heads, s, d), k/v: (b, groups, s, d) → (b, s, heads * d)."""
+    b, _, s, _ = q.shape
+    if backend == "flash_attn":
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # (b, s, h, d)
+        return out.reshape(b, s, -1)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    elif backend == "eager":
+        out = eager_attention(q, k, v)
+    else:
+        raise ValueError(f"attention backend {backend!r} is not resolved")
+    return out.transpose(1, 2).reshape(b, s, -1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: str = "auto"):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_groups = config.num_query_groups
+        self.head_dim = config.kv_channels
+        self.rotary = rotary
+        self.backend = backend
+        qkv_out = config.query_projection_size + 2 * config.kv_projection_size
+        self.linear_qkv = nn.Linear(config.hidden_size, qkv_out, bias=False)
+        self.linear_proj = nn.Linear(config.query_projection_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        per_group = self.num_heads // self.num_groups
+        qkv = self.linear_qkv(x).view(b, s, self.num_groups, per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :per_group].reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, s, d)
+        k = qkv[:, :, :, per_group].transpose(1, 2)  # (b, g, s, d)
+        v = qkv[:, :, :, per_group + 1].transpose(1, 2)  # (b, g, s, d)
+        cos, sin = self.rotary(s, x.device, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        backend = resolve_backend(self.backend, x.device)
+        return self.linear_proj(attention(q, k, v.contiguous(), backend))

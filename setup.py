@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-mobilellm",
+    version="0.1.0",
+    description="DeepSpeed/Megatron-style distributed trainer for the MobileLLM family",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_mobilellm", "megatron_mobilellm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed",
+        "numpy",
+        "orjson",
+        "sentencepiece",
+        "tensorboard",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "transformers", "megatron-core==0.16.1", "triton"],
+        "flash": ["flash-attn"],
+    },
+)

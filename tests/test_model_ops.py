@@ -1,0 +1,201 @@
+"""Kernels and training behaviour of the model on CPU: attention backends, fused SwiGLU, chunked loss, checkpointing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_mobilellm.config import ModelConfig, get_config
+from megatron_mobilellm.model import MobileLLM
+from megatron_mobilellm.model.attention import apply_rotary, attention, eager_attention
+from megatron_mobilellm.model.loss import IGNORE_INDEX, cross_entropy_reference, linear_cross_entropy
+from megatron_mobilellm.model.swiglu import swiglu, swiglu_reference
+
+
+def qkv(b=2, heads=6, groups=2, s=33, d=16):
+    q = torch.randn(b, heads, s, d, requires_grad=True)
+    k = torch.randn(b, groups, s, d, requires_grad=True)
+    v = torch.randn(b, groups, s, d, requires_grad=True)
+    return q, k, v
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_sdpa_matches_eager_forward_and_grads(groups):
+    q, k, v = qkv(groups=groups)
+    grads = []
+    outs = []
+    for backend in ("eager", "sdpa"):
+        out = attention(q, k, v, backend)
+        g = torch.autograd.grad(out.square().sum(), (q, k, v))
+        outs.append(out)
+        grads.append(g)
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_eager_attention_is_causal():
+    q, k, v = qkv()
+    out1 = eager_attention(q, k, v)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[:, :, 20:] += 1.0
+    v2[:, :, 20:] += 1.0
+    out2 = eager_attention(q, k2, v2)
+    assert torch.equal(out1[:, :, :20], out2[:, :, :20])
+    assert not torch.allclose(out1[:, :, 20:], out2[:, :, 20:])
+
+
+def test_rotary_preserves_norm_and_relative_position():
+    x = torch.randn(1, 1, 8, 16)
+    from megatron_mobilellm.model.attention import RotaryEmbedding
+    cos, sin = RotaryEmbedding(16, 10000.0)(8, x.device, x.dtype)
+    y = apply_rotary(x, cos, sin)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    assert torch.equal(y[:, :, 0], x[:, :, 0])  # position 0 is not rotated
+
+
+def test_fused_swiglu_matches_unfused_torch_path():
+    x = torch.randn(5, 7, 2 * 40, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 7, 40, dtype=torch.float64)
+    out = swiglu(x, backend="torch")
+    ref = swiglu_reference(x)
+    assert (out - ref).abs().max() <= 1e-6
+    (dx,) = torch.autograd.grad(out, x, g)
+    (dref,) = torch.autograd.grad(ref, x, g)
+    assert (dx - dref).abs().max() <= 1e-6
+
+
+def test_fused_swiglu_saves_only_its_input():
+    x = torch.randn(4, 2 * 8, requires_grad=True)
+    out = swiglu(x, backend="torch")
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()
+
+
+TRITON_CHECK = r"""
+import torch
+from megatron_mobilellm.model.swiglu import swiglu, swiglu_reference
+torch.manual_seed(0)
+for shape in [(3, 2 * 40), (2, 5, 2 * 1100)]:
+    x = torch.randn(*shape, requires_grad=True)
+    g = torch.randn(*shape[:-1], shape[-1] // 2)
+    out = swiglu(x, backend="triton")
+    ref = swiglu_reference(x)
+    assert (out - ref).abs().max() <= 1e-6, (out - ref).abs().max()
+    (dx,) = torch.autograd.grad(out, x, g)
+    (dref,) = torch.autograd.grad(ref, x, g)
+    assert (dx - dref).abs().max() <= 1e-6, (dx - dref).abs().max()
+print("triton ok")
+"""
+
+
+def test_fused_swiglu_triton_kernel_under_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "triton ok" in res.stdout
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 1000])
+def test_chunked_linear_cross_entropy_matches_reference(chunk):
+    h = torch.randn(37, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 24, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (37,))
+    y[[3, 9, 30]] = IGNORE_INDEX
+    loss = linear_cross_entropy(h, w, y, chunk_size=chunk)
+    ref = cross_entropy_reference(h, w, y)
+    assert abs(loss.item() - ref.item()) <= 1e-10
+    g = torch.autograd.grad(2.5 * loss, (h, w))
+    gref = torch.autograd.grad(2.5 * ref, (h, w))
+    for a, b in zip(g, gref):
+        assert (a - b).abs().max() <= 1e-10
+
+
+def test_loss_without_grad_stores_nothing():
+    h, w = torch.randn(8, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, torch.randint(0, 10, (8,)))
+    assert loss.grad_fn is None
+
+
+def tiny_model(**kw) -> MobileLLM:
+    model = MobileLLM(get_config("tiny", **kw), attention_backend="sdpa")
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model
+
+
+def test_tied_embedding_gets_input_and_output_gradients():
+    model = tiny_model()
+    ids = torch.randint(0, 512, (2, 16))
+    labels = torch.randint(0, 512, (2, 16))
+    # Rows used only as targets get gradient only through the output path, rows used only as inputs only
+    # through the input path; a tied model must show both.
+    model(ids, labels).backward()
+    grad = model.embedding.word_embeddings.weight.grad
+    input_only = set(ids.flatten().tolist()) - set(labels.flatten().tolist())
+    assert all(grad[i].abs().sum() > 0 for i in input_only)
+    # The output path alone: every row gets softmax mass, so compare the full gradient to input + output parts.
+    h = model.decoder(model.embedding(ids)).detach().flatten(0, 1)
+    out_grad = torch.autograd.grad(linear_cross_entropy(h, model.output_weight, labels.flatten()),
+                                   model.output_weight)[0]
+    assert not torch.allclose(grad, out_grad)
+    assert model.output_weight is model.embedding.word_embeddings.weight
+
+
+@pytest.mark.parametrize("layer_sharing", [False, True])
+def test_one_step_reduces_loss_on_fixed_batch(layer_sharing):
+    model = tiny_model(layer_sharing=layer_sharing)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    ids, labels = torch.randint(0, 512, (4, 32)), torch.randint(0, 512, (4, 32))
+    before = model(ids, labels)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = model(ids, labels)
+    assert after.item() < before.item() - 0.02
+
+
+@pytest.mark.parametrize("layer_sharing", [False, True])
+def test_activation_checkpointing_gives_same_gradients(layer_sharing):
+    model = tiny_model(layer_sharing=layer_sharing)
+    ids, labels = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+    model(ids, labels).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_activation_checkpointing(True)
+    model(ids, labels).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref[n], atol=1e-7, rtol=0), n
+
+
+def test_layer_sharing_applies_each_block_twice():
+    cfg = get_config("tiny", layer_sharing=True)
+    model = tiny_model(layer_sharing=True)
+    calls = []
+    for i, layer in enumerate(model.decoder.layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    model(torch.randint(0, 512, (1, 8)))
+    assert calls == [i for i in range(cfg.num_layers) for _ in range(2)]
+
+
+def test_config_validation_and_json_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(num_layers=1, hidden_size=64, ffn_hidden_size=8, num_attention_heads=5, num_query_groups=2)
+    with pytest.raises(ValueError, match="unknown model size"):
+        get_config("7B")
+    cfg = get_config("350M", layer_sharing=True)
+    cfg.save(tmp_path / "c.json")
+    assert ModelConfig.load(tmp_path / "c.json") == cfg
+
+
+def test_config_cli_prints_exact_preset_counts():
+    out = subprocess.run([sys.executable, "-m", "megatron_mobilellm.config"], capture_output=True, text=True,
+                         check=True).stdout
+    expected = {"125M": "124,635,456", "350M": "345,355,200", "600M": "603,188,352", "1B": "1,005,461,760",
+                "1.5B": "1,511,188,800"}
+    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[2:] if "yes" not in line.split()}
+    for name, count in expected.items():
+        assert rows[name] == count
