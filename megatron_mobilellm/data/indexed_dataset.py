@@ -1,0 +1,202 @@
+"""Megatron's memory-mapped ``MMIDIDX`` v1 dataset format: writer and zero-copy reader.
+
+``PREFIX.idx`` (little-endian)::
+
+    magic      9 bytes  b"MMIDIDX\\x00\\x00"
+    version    <Q       1
+    dtype      <B       token dtype code (1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 float32, 8 uint16)
+    S          <Q       number of sequences
+    D          <Q       length of the document index (documents + 1)
+    lengths    int32[S] tokens per sequence
+    pointers   int64[S] byte offset of each sequence in PREFIX.bin
+    doc_index  int64[D] sequence index where each document starts, then S
+
+``PREFIX.bin`` holds the tokens of all sequences back to back. We write one sequence per document (what Megatron's
+``preprocess_data.py`` writes without sentence splitting) and read any layout megatron-core writes.
+Files appear atomically: the writer works on temporary names and renames them only when the index is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+DTYPE_CODES: dict[int, type] = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+                                7: np.float32, 8: np.uint16}
+CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+_HEADER = struct.Struct("<9sQBQQ")
+
+
+class DatasetFormatError(ValueError):
+    """A ``.bin``/``.idx`` pair that is missing or does not follow the format; the message names the file."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (Megatron's threshold, 65,500), else int32."""
+    return np.dtype(np.uint16 if vocab_size <= 65500 else np.int32)
+
+
+def idx_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.idx")
+
+
+def bin_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.bin")
+
+
+class IndexedDatasetWriter:
+    """Streams documents into ``PREFIX.bin`` and writes ``PREFIX.idx`` on ``finalize``.
+
+    Use as a context manager: on an exception the temporary files are removed and nothing appears at PREFIX.
+    """
+
+    def __init__(self, prefix: str | Path, dtype: np.dtype | type):
+        self.prefix = Path(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise ValueError(f"unsupported token dtype {self.dtype}")
+        suffix = f".tmp-{os.getpid()}"
+        self._tmp_bin = Path(f"{bin_path(prefix)}{suffix}")
+        self._tmp_idx = Path(f"{idx_path(prefix)}{suffix}")
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self._bin = open(self._tmp_bin, "wb")
+        self._lengths: list[np.ndarray] = []
+        self.num_tokens = 0
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append several documents at once: ``tokens`` concatenated, ``lengths`` per document."""
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != tokens.size:
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
+        self._bin.write(tokens.tobytes())
+        self._lengths.append(lengths)
+        self.num_tokens += tokens.size
+
+    def add_document(self, tokens: np.ndarray) -> None:
+        self.add_documents(tokens, np.array([len(tokens)]))
+
+    def finalize(self) -> None:
+        self._bin.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int64)
+        write_index(self._tmp_idx, self.dtype, lengths, np.arange(len(lengths) + 1, dtype=np.int64))
+        os.replace(self._tmp_bin, bin_path(self.prefix))
+        os.replace(self._tmp_idx, idx_path(self.prefix))
+
+    def abort(self) -> None:
+        self._bin.close()
+        for p in (self._tmp_bin, self._tmp_idx):
+            p.unlink(missing_ok=True)
+
+    def __enter__(self) -> "IndexedDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+
+def write_index(path: Path, dtype: np.dtype, lengths: np.ndarray, doc_index: np.ndarray) -> None:
+    if len(lengths) and lengths.max() > np.iinfo(np.int32).max:
+        raise ValueError("a sequence longer than 2^31-1 tokens cannot be indexed")
+    # int64 throughout: numpy >= 2 keeps int32 for int32 inputs and would overflow past 2 GiB of tokens.
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
+    with open(path, "wb") as f:
+        f.write(_HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[np.dtype(dtype)], len(lengths), len(doc_index)))
+        f.write(lengths.astype(np.int32).tobytes())
+        f.write(pointers.tobytes())
+        f.write(np.asarray(doc_index, dtype=np.int64).tobytes())
+
+
+class IndexedDataset:
+    """Read-only, memory-mapped view of ``PREFIX.bin/.idx``; ``ds[i]`` is sequence ``i`` as a numpy view.
+
+    Opening validates the header and that ``.bin`` holds exactly the tokens the index describes, so a truncated
+    or mismatched pair fails at start-up with the file's name instead of deep into training.
+    """
+
+    def __init__(self, prefix: str | Path):
+        self.prefix = str(prefix)
+        ipath, bpath = idx_path(prefix), bin_path(prefix)
+        for p in (ipath, bpath):
+            if not p.is_file():
+                raise DatasetFormatError(f"{p}: no such file (data prefix {prefix!r})")
+        self._idx = np.memmap(ipath, mode="r", dtype=np.uint8)
+        if len(self._idx) < _HEADER.size:
+            raise DatasetFormatError(f"{ipath}: too short for an MMIDIDX header ({len(self._idx)} bytes)")
+        magic, version, code, n_seq, n_doc = _HEADER.unpack(self._idx[:_HEADER.size].tobytes())
+        if magic != MAGIC:
+            raise DatasetFormatError(f"{ipath}: bad magic {magic!r}, not a Megatron MMIDIDX index")
+        if version != VERSION:
+            raise DatasetFormatError(f"{ipath}: unsupported index version {version} (expected {VERSION})")
+        if code not in DTYPE_CODES:
+            raise DatasetFormatError(f"{ipath}: unknown dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        expected = _HEADER.size + n_seq * 12 + n_doc * 8
+        if len(self._idx) != expected:
+            raise DatasetFormatError(f"{ipath}: {len(self._idx)} bytes, header promises {expected}")
+        off = _HEADER.size
+        self.sequence_lengths = np.frombuffer(self._idx, dtype=np.int32, count=n_seq, offset=off)
+        self.sequence_pointers = np.frombuffer(self._idx, dtype=np.int64, count=n_seq, offset=off + 4 * n_seq)
+        self.document_indices = np.frombuffer(self._idx, dtype=np.int64, count=n_doc, offset=off + 12 * n_seq)
+        total = int(self.sequence_lengths.sum(dtype=np.int64)) * self.dtype.itemsize
+        size = bpath.stat().st_size
+        if size != total:
+            raise DatasetFormatError(f"{bpath}: {size} bytes, but {ipath} describes {total} "
+                                     "(truncated or mismatched pair)")
+        self._bin = np.memmap(bpath, mode="r", dtype=np.uint8) if size else np.zeros(0, dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sequence_lengths.sum(dtype=np.int64))
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset + length)`` of sequence ``i`` (a view into the mapped file)."""
+        n = int(self.sequence_lengths[i]) - offset if length is None else length
+        start = int(self.sequence_pointers[i]) + offset * self.dtype.itemsize
+        return np.frombuffer(self._bin, dtype=self.dtype, count=n, offset=start)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+
+def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path) -> int:
+    """Concatenate datasets (same token dtype) into one, keeping every sequence and document boundary.
+
+    Returns the number of sequences written; output appears atomically as with the writer.
+    """
+    datasets = [IndexedDataset(p) for p in prefixes]
+    dtypes = {ds.dtype for ds in datasets}
+    if len(dtypes) != 1:
+        raise DatasetFormatError(f"cannot merge datasets of different token dtypes: "
+                                 + ", ".join(f"{ds.prefix}={ds.dtype}" for ds in datasets))
+    dtype = dtypes.pop()
+    writer = IndexedDatasetWriter(output_prefix, dtype)
+    doc_indices, offset = [np.zeros(1, dtype=np.int64)], 0
+    try:
+        for ds in datasets:
+            with open(bin_path(ds.prefix), "rb") as src:
+                while block := src.read(64 << 20):
+                    writer._bin.write(block)
+            doc_indices.append(ds.document_indices[1:] + offset)
+            offset += len(ds)
+        writer._bin.close()
+        lengths = np.concatenate([ds.sequence_lengths for ds in datasets]).astype(np.int64)
+        write_index(writer._tmp_idx, dtype, lengths, np.concatenate(doc_indices))
+        os.replace(writer._tmp_bin, bin_path(output_prefix))
+        os.replace(writer._tmp_idx, idx_path(output_prefix))
+    except BaseException:
+        writer.abort()
+        raise
+    return offset

@@ -1,0 +1,150 @@
+"""tools/preprocess_jsonl.py: node layout, worker determinism, bad input, skipping, text mode."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_mobilellm.data.indexed_dataset import IndexedDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "preprocess_jsonl.py"
+
+
+def run_tool(*args, check=True):
+    res = subprocess.run([sys.executable, str(TOOL), "--no-progress", *map(str, args)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    if check:
+        assert res.returncode == 0, res.stderr
+    return res
+
+
+def write_jsonl(path: Path, docs, extra=True):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for d in docs:
+            obj = {"token_ids": [int(t) for t in d]}
+            if extra:
+                obj["source"] = "wiki[1]"  # a key with brackets, as amber rows carry extra keys
+            f.write(json.dumps(obj) + "\n")
+
+
+@pytest.fixture
+def node_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = {}
+    # Paths chosen so that sorted order differs from creation order.
+    for node, shard in [(2, "b"), (1, "b"), (1, "a"), (10, "a")]:
+        d = [rng.integers(0, 32000, size=rng.integers(1, 200)) for _ in range(30)]
+        write_jsonl(tmp_path / "base" / str(node) / f"{shard}.jsonl", d)
+        docs[f"{node}/{shard}"] = d
+    order = ["1/a", "1/b", "10/a", "2/b"]  # sorted by path
+    return tmp_path / "base", [d for key in order for d in docs[key]]
+
+
+def test_node_layout_converts_in_path_order(node_layout, tmp_path):
+    base, expected = node_layout
+    res = run_tool("--input", base, "--output-prefix", tmp_path / "out")
+    ds = IndexedDataset(tmp_path / "out")
+    assert len(ds) == len(expected)
+    for i, d in enumerate(expected):
+        assert np.array_equal(ds[i], d)
+    assert "documents 120" in res.stdout and "skipped 0" in res.stdout
+
+
+def test_workers_give_byte_identical_output(node_layout, tmp_path):
+    base, _ = node_layout
+    run_tool("--input", base, "--output-prefix", tmp_path / "w1", "--workers", 1)
+    run_tool("--input", base, "--output-prefix", tmp_path / "w2", "--workers", 2, "--chunk-size-mb", 0.01)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"w1{ext}").read_bytes() == (tmp_path / f"w2{ext}").read_bytes()
+
+
+def test_globs_and_gzip(tmp_path):
+    write_jsonl(tmp_path / "x1.jsonl", [[1, 2, 3]])
+    with gzip.open(tmp_path / "x2.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"token_ids": [4, 5]}) + "\n")
+    run_tool("--input", tmp_path / "x*.jsonl*", "--output-prefix", tmp_path / "o")
+    ds = IndexedDataset(tmp_path / "o")
+    assert [ds[i].tolist() for i in range(2)] == [[1, 2, 3], [4, 5]]
+
+
+BAD_LINES = {
+    "malformed": ('{"token_ids": [1, 2', "malformed JSON"),
+    "missing_key": ('{"ids": [1, 2]}', "missing key 'token_ids'"),
+    "non_integer": ('{"token_ids": [1, 2.5]}', "is not an integer"),
+    "string_id": ('{"token_ids": [1, "7"]}', "is not an integer"),
+    "negative": ('{"token_ids": [1, -3]}', "outside [0, 32000)"),
+    "too_large": ('{"token_ids": [1, 32000]}', "outside [0, 32000)"),
+    "overflow": ('{"token_ids": [1, 99999999999999999999999]}', "token_ids[1] = "),
+    "empty_line": ("", "empty line"),
+    "empty_list": ('{"token_ids": []}', "is empty"),
+    "not_object": ("[1, 2, 3]", "expected a JSON object"),
+    "space_in_number": ('{"token_ids": [1 2]}', "malformed JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_input_names_file_and_line_and_leaves_nothing(tmp_path, case):
+    line, reason = BAD_LINES[case]
+    path = tmp_path / "in" / "data.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"token_ids": [1, 2]}\n{"token_ids": [3]}\n' + line + "\n" + '{"token_ids": [4]}\n')
+    res = run_tool("--input", path, "--output-prefix", tmp_path / "out" / "x", check=False)
+    assert res.returncode != 0
+    assert f"{path}:3:" in res.stderr
+    assert reason in res.stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_truncated_last_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"token_ids": [1, 2]}\n{"token_ids": [3, 4')
+    res = run_tool("--input", path, "--output-prefix", tmp_path / "x", check=False)
+    assert res.returncode != 0 and f"{path}:2: malformed JSON" in res.stderr
+    assert not list(tmp_path.glob("x*"))
+
+
+def test_skip_bad_lines_counts_and_lists(tmp_path):
+    path = tmp_path / "s.jsonl"
+    lines = ['{"token_ids": [1]}', "oops", '{"token_ids": [2, 3]}', '{"token_ids": [-1]}', "",
+             '{"token_ids": [4]}']
+    path.write_text("\n".join(lines) + "\n")
+    res = run_tool("--input", path, "--output-prefix", tmp_path / "x", "--skip-bad-lines")
+    assert "skipped 3" in res.stdout
+    for n in (2, 4, 5):
+        assert f"{path}:{n}:" in res.stdout
+    ds = IndexedDataset(tmp_path / "x")
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1], [2, 3], [4]]
+
+
+def test_vocab_size_chooses_dtype(tmp_path):
+    write_jsonl(tmp_path / "v.jsonl", [[70000, 1]])
+    run_tool("--input", tmp_path / "v.jsonl", "--output-prefix", tmp_path / "big", "--vocab-size", 128000)
+    assert IndexedDataset(tmp_path / "big").dtype == np.int32
+    assert IndexedDataset(tmp_path / "big")[0].tolist() == [70000, 1]
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    res = run_tool("--input", tmp_path / "nothing*.jsonl", "--output-prefix", tmp_path / "x", check=False)
+    assert res.returncode != 0 and "no such file" in res.stderr
+
+
+def test_text_mode_with_sentencepiece(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    texts = ["hello lazy fox", "the dog"]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    run_tool("--input", tmp_path / "t.jsonl", "--output-prefix", tmp_path / "tx", "--tokenizer-model",
+             tmp_path / "sp.model", "--json-key", "text", "--append-eos", "--prepend-bos")
+    ds = IndexedDataset(tmp_path / "tx")
+    for i, t in enumerate(texts):
+        assert ds[i].tolist() == [1] + sp.encode(t) + [2]

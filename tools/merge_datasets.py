@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""Merge several ``.bin/.idx`` datasets into one, keeping document boundaries.
+
+    python tools/merge_datasets.py --input data/part1 data/part2 --output-prefix data/all
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_mobilellm.data.indexed_dataset import DatasetFormatError, merge_datasets
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in output order")
+    p.add_argument("--output-prefix", required=True)
+    args = p.parse_args(argv)
+    try:
+        n = merge_datasets(args.input, args.output_prefix)
+    except DatasetFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"merged {len(args.input)} datasets, {n:,} sequences → {args.output_prefix}.bin/.idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

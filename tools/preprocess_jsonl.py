@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Convert jsonl shards (``{"token_ids": [...]}`` or raw text) into one Megatron ``.bin/.idx`` dataset.
+
+    python tools/preprocess_jsonl.py --input basepath/ --output-prefix data/train --workers 8 --vocab-size 32000
+    python tools/preprocess_jsonl.py --input 'raw/*.jsonl' --output-prefix data/text \\
+        --tokenizer-model tokenizer.model --json-key text --append-eos
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_mobilellm.data.preprocess import Options, PreprocessError, preprocess
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files, directories (every *.jsonl[.gz|.zst] below, sorted by path) or globs")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--json-key", default=None, help="key of each line to read (token_ids, or text with a tokenizer)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="bounds-checks ids and picks the token dtype (default 32000, or the tokenizer's)")
+    p.add_argument("--tokenizer-model", default=None, help="SentencePiece model: tokenize raw text")
+    p.add_argument("--append-eos", action="store_true", help="end every document with the tokenizer's EOS")
+    p.add_argument("--prepend-bos", action="store_true", help="start every document with the tokenizer's BOS")
+    p.add_argument("--workers", type=int, default=1, help="parser processes (output is identical for any N)")
+    p.add_argument("--chunk-size-mb", type=float, default=4.0, help="lines are dispatched in chunks of this size")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip and count malformed lines instead of stopping at the first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if (args.append_eos or args.prepend_bos) and not args.tokenizer_model:
+        p.error("--append-eos/--prepend-bos need --tokenizer-model (token_ids lines are taken as they are)")
+    if args.tokenizer_model and args.vocab_size:
+        p.error("--vocab-size comes from --tokenizer-model; give one or the other")
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
+    args.json_key = args.json_key or ("text" if args.tokenizer_model else "token_ids")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    opts = Options(json_key=args.json_key, vocab_size=args.vocab_size or 32000,
+                   tokenizer_model=args.tokenizer_model, append_eos=args.append_eos,
+                   prepend_bos=args.prepend_bos, skip_bad_lines=args.skip_bad_lines)
+    try:
+        summary = preprocess(args.input, args.output_prefix, opts, workers=args.workers,
+                             chunk_bytes=int(args.chunk_size_mb * (1 << 20)), progress=not args.no_progress)
+    except (PreprocessError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(f"nothing written at {args.output_prefix}.bin/.idx", file=sys.stderr)
+        return 1
+    print(summary.report())
+    print(f"wrote {args.output_prefix}.bin and {args.output_prefix}.idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
