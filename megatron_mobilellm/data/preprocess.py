@@ -20,7 +20,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Iterator
 
@@ -233,7 +233,8 @@ def process_chunk(chunk: Chunk, opts: Options) -> ChunkResult:
                 break
             continue
         docs.append(ids)
-    tokens = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
+    # Ids are already bounds-checked; shipping them in the output dtype cuts the transfer from workers 4x.
+    tokens = (np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)).astype(token_dtype(opts.vocab_size))
     lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
     return ChunkResult(tokens, lengths, bad, chunk.nbytes)
 
@@ -253,9 +254,11 @@ def preprocess(inputs: list[str], output_prefix: str, opts: Options, workers: in
     summary = Summary(files=len(files))
     start = time.perf_counter()
     total = sum(f.stat().st_size for f in files)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not progress, smoothing=0.1)
     jobs = ((c, opts) for c in read_chunks(files, chunk_bytes))
-    pool = get_context("spawn").Pool(workers, _init_worker, (opts,)) if workers > 1 else None
+    # fork: workers start in milliseconds and need not re-import the caller's __main__.
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"
+    pool = get_context(method).Pool(workers, _init_worker, (opts,)) if workers > 1 else None
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not progress, smoothing=0.1)
     if pool is None:
         _init_worker(opts)
     try:
