@@ -1,0 +1,234 @@
+"""Pretrain a MobileLLM under DeepSpeed ZeRO.
+
+    deepspeed [--hostfile hosts] --module megatron_mobilellm.pretrain --model-size 125M --data-path PREFIX \\
+        --micro-batch-size 32 --global-batch-size 256 --train-iters 480000 --lr 5e-4 \\
+        --deepspeed_config ds_configs/zero2.json --save ckpt --load ckpt --tensorboard-dir tb
+
+Also runs under ``torchrun`` and as plain ``python -m megatron_mobilellm.pretrain`` (one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from megatron_mobilellm.data.builder import build_datasets, build_loader, open_datasets, parse_data_path
+from megatron_mobilellm.data.indexed_dataset import DatasetFormatError
+from megatron_mobilellm.model import MobileLLM
+from megatron_mobilellm.training.arguments import ConfigError, data_parallel_checks, model_config, parse_args
+from megatron_mobilellm.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from megatron_mobilellm.training.ds_config import build_ds_config
+from megatron_mobilellm.training.lr_scheduler import LRScheduler
+from megatron_mobilellm.training.metrics import (MetricsWriter, detect_peak_tflops, flops_per_token,
+                                                 max_memory_gib, perplexity)
+from megatron_mobilellm.training.optimizer import build_optimizer
+
+
+def init_distributed() -> torch.device:
+    """Join the process group the launcher describes; a plain ``python -m`` run becomes a world of one."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)  # our own log lines say what matters
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    dist.all_reduce(value)
+    return value.item() / dist.get_world_size()
+
+
+def train_step(engine, batches, accum: int, device: torch.device) -> torch.Tensor:
+    """One optimizer step: ``accum`` micro-batches of forward/backward, DeepSpeed steps at the boundary."""
+    total = torch.zeros((), device=device)
+    for _ in range(accum):
+        batch = next(batches)
+        loss = engine(batch["tokens"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True))
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().float()
+    return total / accum
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, args: argparse.Namespace, device: torch.device) -> float:
+    """Mean loss over the first ``eval_iters`` global batches of the validation split (the same every time)."""
+    engine.eval()
+    loader = build_loader(dataset, 0, args.micro_batch_size, dist.get_rank(), dist.get_world_size(), 0)
+    steps = args.eval_iters * args.global_batch_size // (args.micro_batch_size * dist.get_world_size())
+    total = torch.zeros((), device=device)
+    batches = iter(loader)
+    for _ in range(steps):
+        batch = next(batches)
+        total += engine(batch["tokens"].to(device), batch["labels"].to(device)).float()
+    engine.train()
+    return mean_across_ranks(total / steps)
+
+
+def build_engine(args: argparse.Namespace, cfg, device: torch.device, ds_config: dict):
+    import deepspeed
+
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = MobileLLM(cfg, attention_backend=args.attention_backend, loss_chunk_size=args.loss_chunk_size)
+    model.init_weights(torch.Generator(device).manual_seed(args.seed))
+    model.set_activation_checkpointing(args.recompute_activations)
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    optimizer = build_optimizer(model, args, device, offload)
+    schedule = dict(lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
+                    decay_iters=args.lr_decay_iters or args.train_iters, style=args.lr_decay_style,
+                    wsd_decay_iters=args.lr_wsd_decay_iters or max(1, args.train_iters // 5))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                                   lr_scheduler=lambda opt: LRScheduler(opt, **schedule))
+    return engine, scheduler
+
+
+class Throughput:
+    """Tokens/s, TFLOP/s per GPU and MFU over the iterations since the last log line."""
+
+    def __init__(self, cfg, args: argparse.Namespace, device: torch.device):
+        self.tokens_per_iter = args.global_batch_size * args.seq_length
+        self.flops_per_token = flops_per_token(cfg, args.seq_length)
+        self.peak = args.peak_tflops or detect_peak_tflops(device)
+        self.device = device
+        self.start, self.iters = time.perf_counter(), 0
+
+    def measure(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - self.start
+        world = dist.get_world_size()
+        tokens_per_sec = self.tokens_per_iter * self.iters / elapsed
+        tflops = tokens_per_sec * self.flops_per_token / world / 1e12
+        out = {"ms_per_iter": 1000 * elapsed / max(self.iters, 1), "tokens_per_sec": tokens_per_sec,
+               "tokens_per_sec_per_gpu": tokens_per_sec / world, "tflops_per_gpu": tflops,
+               "mfu": tflops / self.peak if self.peak else 0.0}
+        self.start, self.iters = time.perf_counter(), 0
+        return out
+
+
+def log_train(writer: MetricsWriter, state: TrainState, args, loss: float, lr: float, grad_norm: float,
+              speed: dict[str, float], device: torch.device) -> None:
+    mem = max_memory_gib(device)
+    writer.line(
+        f" iteration {state.iteration:8d}/{args.train_iters:8d} | consumed samples {state.consumed_samples:12d} | "
+        f"consumed tokens {state.consumed_samples * args.seq_length:14d} | "
+        f"elapsed time per iteration (ms) {speed['ms_per_iter']:.1f} | learning rate {lr:.6E} | "
+        f"lm loss {loss:.9E} | grad norm {grad_norm:.4f} | tokens/s {speed['tokens_per_sec']:.0f} "
+        f"(per GPU {speed['tokens_per_sec_per_gpu']:.0f}) | TFLOP/s/GPU {speed['tflops_per_gpu']:.2f} | "
+        f"MFU {100 * speed['mfu']:.2f}% | mem max {mem:.2f} GiB")
+    writer.scalars(state.iteration, {
+        "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+        "train/tokens_per_sec": speed["tokens_per_sec"], "train/tflops_per_gpu": speed["tflops_per_gpu"],
+        "train/mfu": speed["mfu"], "train/mem_max_allocated_gib": mem})
+
+
+def run_validation(engine, dataset, args, state: TrainState, writer: MetricsWriter, device) -> None:
+    loss = evaluate(engine, dataset, args, device)
+    writer.line(f" validation at iteration {state.iteration} | lm loss {loss:.6E} | "
+                f"lm loss PPL {perplexity(loss):.4f}")
+    writer.scalars(state.iteration, {"valid/loss": loss, "valid/ppl": perplexity(loss)})
+
+
+def check_data(args: argparse.Namespace) -> None:
+    """Fail on a bad --data-path/--split before starting any process group or building a model."""
+    from megatron_mobilellm.data.gpt_dataset import parse_split
+
+    try:
+        parse_split(args.split)
+        open_datasets(parse_data_path(args.data_path)[1])
+    except DatasetFormatError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def pretrain(args: argparse.Namespace) -> TrainState:
+    check_data(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # known before the process group: check the batch first
+    accum = data_parallel_checks(args, world)
+    bf16 = args.bf16 or (not args.fp32 and torch.cuda.is_available())
+    ds_config = build_ds_config(args.deepspeed_config, args.micro_batch_size, accum, world, args.clip_grad, bf16)
+    device = init_distributed()
+    rank = dist.get_rank()
+    cfg = model_config(args)
+    num_samples = {"train": args.train_iters * args.global_batch_size,
+                   "valid": args.eval_iters * args.global_batch_size}
+    datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, num_samples,
+                              args.data_cache_path)
+    engine, scheduler = build_engine(args, cfg, device, ds_config)
+    writer = MetricsWriter(rank, args.tensorboard_dir)
+    state = TrainState()
+    if args.load:
+        state = load_checkpoint(engine, args.load, cfg) or state
+        writer.line(f"resumed from {args.load} at iteration {state.iteration}" if state.iteration
+                    else f"no checkpoint in {args.load}; starting from scratch")
+    writer.line(f"world size {world} | micro batch {args.micro_batch_size} | gradient accumulation {accum} | "
+                f"global batch {args.global_batch_size} | precision {'bf16' if bf16 else 'fp32'} | "
+                f"ZeRO stage {engine.zero_optimization_stage()} | device {device}")
+    batches = iter(build_loader(datasets["train"], state.consumed_samples, args.micro_batch_size, rank, world,
+                                args.num_workers))
+    valid = datasets["valid"] if args.eval_iters else None
+    throughput = Throughput(cfg, args, device)
+    interval_loss = torch.zeros((), device=device)
+    last_saved = state.iteration if args.load else -1
+    while state.iteration < args.train_iters:
+        lr = scheduler.get_last_lr()[0]
+        interval_loss += train_step(engine, batches, accum, device)
+        state.iteration += 1
+        state.consumed_samples += args.global_batch_size
+        throughput.iters += 1
+        if state.iteration % args.log_interval == 0:
+            loss = mean_across_ranks(interval_loss / throughput.iters)
+            grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            log_train(writer, state, args, loss, lr, grad_norm, throughput.measure(), device)
+            interval_loss.zero_()
+        if valid is not None and state.iteration % args.eval_interval == 0:
+            run_validation(engine, valid, args, state, writer, device)
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            save_checkpoint(engine, args.save, state, cfg, args)
+            last_saved = state.iteration
+        if args.exit_interval and state.iteration % args.exit_interval == 0:
+            writer.line(f"exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
+            break
+    if valid is not None and state.iteration % args.eval_interval:
+        run_validation(engine, valid, args, state, writer, device)
+    if args.save and last_saved != state.iteration:
+        save_checkpoint(engine, args.save, state, cfg, args)
+    writer.line(f"done: {state.iteration} iterations, {state.consumed_samples} samples")
+    writer.close()
+    return state
+
+
+def main(argv: list[str] | None = None) -> None:
+    # DeepSpeed still calls collectives that torch has renamed; the warnings repeat every step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
+    try:
+        pretrain(parse_args(argv))
+    except (ConfigError, DatasetFormatError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Command-line arguments of ``megatron_mobilellm.pretrain``, with Megatron's names, and their validation.
+
+Everything checkable without touching data, devices or DeepSpeed is checked here, so a bad command fails in
+about a second with a message that names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_mobilellm.config import PRESETS, ModelConfig, get_config
+from megatron_mobilellm.model.attention import BACKENDS
+
+
+class ConfigError(ValueError):
+    """A command line or DeepSpeed config that cannot work; the message names the flag or file."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Pretrain a MobileLLM under DeepSpeed.", allow_abbrev=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--model-size", choices=list(PRESETS), default="125M")
+    g.add_argument("--layer-sharing", action="store_true", help="MobileLLM-LS: run each block twice in a row")
+    g.add_argument("--vocab-size", type=int, default=None, help="default: the preset's (32000 for real sizes)")
+    g.add_argument("--untie-embeddings", action="store_true", help="separate output layer (MobileLLM ties them)")
+    g.add_argument("--attention-backend", choices=BACKENDS, default="auto")
+    g.add_argument("--recompute-activations", "--activation-checkpointing", dest="recompute_activations",
+                   action="store_true", help="checkpoint every block (recompute its activations in backward)")
+    g.add_argument("--loss-chunk-size", type=int, default=4096, help="tokens per chunk of the output/loss")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", required=True, help="[W1] PREFIX1 [W2 PREFIX2 ...]")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test document proportions")
+    g.add_argument("--seq-length", type=int, default=2048)
+    g.add_argument("--data-cache-path", default=None, help="where index arrays are cached (default: beside data)")
+    g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes per rank")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, required=True)
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", help="bf16 compute with fp32 master weights (default on GPU)")
+    g.add_argument("--fp32", action="store_true", help="fp32 throughout (default on CPU)")
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--min-lr", type=float, default=None, help="default: 10%% of --lr (the seed's recipe)")
+    g.add_argument("--lr-warmup-iters", type=int, default=1000)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant", "wsd"], default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="WSD: length of the final decay phase (default 20%% of --train-iters)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--no-weight-decay-embedding", action="store_true",
+                   help="exclude the (tied) embedding from weight decay (the seed decays it)")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--optimizer", choices=["torch_adamw", "deepspeed_adam"], default="torch_adamw",
+                   help="torch AdamW (fused on GPU) or DeepSpeed's FusedAdam/CPUAdam")
+
+    g = p.add_argument_group("checkpoints, evaluation and logging")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None, help="resume from the newest checkpoint here, if any")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving, with --save) once the iteration is a multiple of this")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU (default: from the GPU name; dense bf16)")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    import deepspeed
+
+    deepspeed.add_config_arguments(p)  # --deepspeed, --deepspeed_config
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return get_config(args.model_size, vocab_size=args.vocab_size, layer_sharing=args.layer_sharing,
+                      tie_embeddings=not args.untie_embeddings)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    for flag in ("micro_batch_size", "global_batch_size", "train_iters", "seq_length", "log_interval",
+                 "eval_interval", "loss_chunk_size"):
+        check(getattr(args, flag) > 0, f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    check(args.eval_iters >= 0, "--eval-iters must be >= 0")
+    check(args.global_batch_size % args.micro_batch_size == 0,
+          f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+          f"{args.micro_batch_size}")
+    check(not (args.bf16 and args.fp32), "--bf16 and --fp32 are exclusive")
+    check(args.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+    check(args.lr > 0, "--lr must be positive")
+    if args.min_lr is None:
+        args.min_lr = 0.1 * args.lr
+    check(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must lie in [0, --lr {args.lr}]")
+    if args.save_interval is not None:
+        check(args.save_interval > 0, "--save-interval must be positive")
+        check(args.save is not None, "--save-interval needs --save DIR")
+    check(args.deepspeed_config is not None, "--deepspeed_config is required (see ds_configs/)")
+    try:
+        cfg = model_config(args)
+    except ValueError as e:
+        raise ConfigError(f"--model-size {args.model_size}: {e}") from None
+    check(args.seq_length <= cfg.max_position_embeddings,
+          f"--seq-length {args.seq_length} exceeds the model's max positions ({cfg.max_position_embeddings})")
+
+
+def data_parallel_checks(args: argparse.Namespace, world_size: int) -> int:
+    """Gradient-accumulation steps for ``world_size`` data-parallel ranks (errors if the batch does not divide)."""
+    per_step = args.micro_batch_size * world_size
+    if args.global_batch_size % per_step:
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+                          f"{args.micro_batch_size} × {world_size} data-parallel ranks = {per_step}")
+    return args.global_batch_size // per_step

@@ -1,0 +1,83 @@
+"""Shared test helpers: small learnable datasets and launching the trainer in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_corpus(prefix: Path, num_docs: int = 300, vocab: int = 512, seed: int = 0) -> Path:
+    """Documents that are arithmetic progressions modulo the vocabulary: easy to learn, so loss falls fast."""
+    rng = np.random.default_rng(seed)
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for _ in range(num_docs):
+            start, step, n = rng.integers(0, vocab), rng.integers(1, 4), rng.integers(20, 200)
+            w.add_document((start + np.arange(n) * step) % vocab)
+    return prefix
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+         "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def tiny_args(data: Path, workdir: Path, iters: int = 20, zero: int = 2, **overrides) -> list[str]:
+    args = {"--model-size": "tiny", "--data-path": str(data), "--seq-length": "64", "--micro-batch-size": "2",
+            "--global-batch-size": "8", "--train-iters": str(iters), "--lr": "3e-3", "--lr-warmup-iters": "2",
+            "--deepspeed_config": str(ROOT / "ds_configs" / f"zero{zero}.json"), "--log-interval": "1",
+            "--eval-interval": "10", "--eval-iters": "1", "--num-workers": "0", "--seed": "7",
+            "--data-cache-path": str(workdir / "index_cache")}
+    args.update({k: str(v) for k, v in overrides.items() if v is not None})
+    flat = []
+    for k, v in args.items():
+        flat += [k, *v.split()] if v != "" else [k]
+    return flat
+
+
+def run_pretrain(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True,
+                 cwd: Path | None = None) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_mobilellm.pretrain", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", "-m", "megatron_mobilellm.pretrain", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout, cwd=cwd or ROOT)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of a TensorBoard run, read back with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def logged_losses(stdout: str) -> dict[int, float]:
+    out = {}
+    for line in stdout.splitlines():
+        if line.startswith(" iteration") and "lm loss" in line:
+            it = int(line.split("|")[0].split()[1].split("/")[0])
+            out[it] = float(line.split("lm loss")[1].split("|")[0])
+    return out
