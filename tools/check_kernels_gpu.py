@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""GPU check of the fused kernels against fp32 references (run on a CUDA machine; CI covers the CPU paths).
+
+    python tools/check_kernels_gpu.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_mobilellm.model.loss import cross_entropy_reference, linear_cross_entropy
+from megatron_mobilellm.model.swiglu import swiglu, swiglu_reference
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    torch.manual_seed(0)
+    rows = []
+    for dtype, budget in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        x = torch.randn(16 * 2048, 2 * 1536, device="cuda", dtype=dtype, requires_grad=True)
+        g = torch.randn(16 * 2048, 1536, device="cuda", dtype=dtype)
+        x32 = x.detach().float().requires_grad_()
+        out, ref = swiglu(x, backend="triton"), swiglu_reference(x32)
+        (dx,), (dref,) = torch.autograd.grad(out, x, g), torch.autograd.grad(ref, x32, g.float())
+        rows.append(("swiglu fwd", dtype, rel_err(out, ref), budget))
+        rows.append(("swiglu bwd", dtype, rel_err(dx, dref), budget))
+        h = torch.randn(8192, 576, device="cuda", dtype=dtype, requires_grad=True)
+        w = (0.02 * torch.randn(32000, 576, device="cuda", dtype=dtype)).requires_grad_()
+        y = torch.randint(0, 32000, (8192,), device="cuda")
+        h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        loss, ref_loss = linear_cross_entropy(h, w, y, 2048), cross_entropy_reference(h32, w32, y)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        gh32, gw32 = torch.autograd.grad(ref_loss, (h32, w32))
+        rows.append(("linear CE loss", dtype, abs(loss.item() - ref_loss.item()) / ref_loss.item(), budget))
+        rows.append(("linear CE d_hidden", dtype, rel_err(gh, gh32), budget))
+        rows.append(("linear CE d_weight", dtype, rel_err(gw, gw32), budget))
+    ok = True
+    for name, dtype, err, budget in rows:
+        good = err <= budget and err == err
+        ok &= good
+        print(f"{name:<22}{str(dtype):<16} rel err {err:.2e}  (budget {budget:.0e})  {'ok' if good else 'FAIL'}")
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

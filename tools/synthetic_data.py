@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Write a synthetic ``.bin/.idx`` dataset (random token documents) for benchmarks and smoke runs.
+
+    python tools/synthetic_data.py --output-prefix /tmp/synth --tokens 20000000 --vocab-size 32000
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter, token_dtype
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--tokens", type=int, default=10_000_000)
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--mean-doc-length", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    rng = np.random.default_rng(args.seed)
+    lengths = rng.integers(1, 2 * args.mean_doc_length, size=args.tokens // args.mean_doc_length + 1)
+    lengths = lengths[:np.searchsorted(np.cumsum(lengths), args.tokens) + 1]
+    with IndexedDatasetWriter(args.output_prefix, token_dtype(args.vocab_size)) as w:
+        w.add_documents(rng.integers(0, args.vocab_size, size=int(lengths.sum())), lengths)
+    print(f"wrote {len(lengths):,} documents, {int(lengths.sum()):,} tokens to {args.output_prefix}.bin/.idx")
+
+
+if __name__ == "__main__":
+    main()
