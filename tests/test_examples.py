@@ -1,0 +1,38 @@
+"""The launch examples build valid trainer command lines (checked by the trainer's own parser)."""
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from helpers import ROOT
+from megatron_mobilellm.training.arguments import parse_args
+
+
+def dry_run(size: str, **env_vars) -> list[str]:
+    res = subprocess.run(["bash", str(ROOT / "examples" / "pretrain_mobilellm.sh"), size],
+                         env={**os.environ, "DRY_RUN": "1", **env_vars}, capture_output=True, text=True, cwd=ROOT,
+                         check=True)
+    return shlex.split(res.stdout)
+
+
+def trainer_args(cmd: list[str]) -> list[str]:
+    return cmd[cmd.index("megatron_mobilellm.pretrain") + 1:]
+
+
+@pytest.mark.parametrize("size", ["125M", "350M", "600M", "1B", "1.5B"])
+def test_single_node_recipe(size):
+    cmd = dry_run(size)
+    assert cmd[:3] == ["deepspeed", "--num_gpus", "8"]
+    args = parse_args(trainer_args(cmd))
+    assert (args.micro_batch_size, args.global_batch_size, args.lr, args.min_lr) == (32, 256, 5e-4, 5e-5)
+    assert (args.seq_length, args.lr_warmup_iters, args.clip_grad, args.weight_decay) == (2048, 1000, 1.0, 0.1)
+    assert args.bf16 and args.save == args.load
+
+
+def test_multi_node_recipe_scales_lr_linearly():
+    cmd = dry_run("125M", HOSTFILE=str(ROOT / "examples" / "hostfile"), MASTER_ADDR="node-1")
+    assert cmd[1:5] == ["--hostfile", str(ROOT / "examples" / "hostfile"), "--master_addr", "node-1"]
+    args = parse_args(trainer_args(cmd))
+    assert args.global_batch_size == 4 * 8 * 32 and args.lr == pytest.approx(2e-3)
