@@ -20,11 +20,12 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from megatron_mobilellm.convert.ds_checkpoint import CheckpointError
 from megatron_mobilellm.data.builder import build_datasets, build_loader, open_datasets, parse_data_path
 from megatron_mobilellm.data.indexed_dataset import DatasetFormatError
 from megatron_mobilellm.model import MobileLLM
 from megatron_mobilellm.training.arguments import ConfigError, data_parallel_checks, model_config, parse_args
-from megatron_mobilellm.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from megatron_mobilellm.training.checkpointing import TrainState, initial_weights, load_checkpoint, save_checkpoint
 from megatron_mobilellm.training.ds_config import build_ds_config
 from megatron_mobilellm.training.lr_scheduler import LRScheduler
 from megatron_mobilellm.training.metrics import (MetricsWriter, detect_peak_tflops, flops_per_token,
@@ -85,13 +86,17 @@ def evaluate(engine, dataset, args: argparse.Namespace, device: torch.device) ->
     return mean_across_ranks(total / steps)
 
 
-def build_engine(args: argparse.Namespace, cfg, device: torch.device, ds_config: dict):
+def build_engine(args: argparse.Namespace, cfg, device: torch.device, ds_config: dict,
+                 weights: dict[str, torch.Tensor] | None = None):
+    """The DeepSpeed engine around a freshly initialised model (or one holding ``weights``) and its scheduler."""
     import deepspeed
 
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = MobileLLM(cfg, attention_backend=args.attention_backend, loss_chunk_size=args.loss_chunk_size)
     model.init_weights(torch.Generator(device).manual_seed(args.seed))
+    if weights is not None:
+        model.load_state_dict(weights)
     model.set_activation_checkpointing(args.recompute_activations)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     optimizer = build_optimizer(model, args, device, offload)
@@ -176,10 +181,13 @@ def pretrain(args: argparse.Namespace) -> TrainState:
                    "valid": args.eval_iters * args.global_batch_size}
     datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, num_samples,
                               args.data_cache_path)
-    engine, scheduler = build_engine(args, cfg, device, ds_config)
+    weights = initial_weights(args.load, cfg, args.finetune) if args.load else None
+    engine, scheduler = build_engine(args, cfg, device, ds_config, weights)
     writer = MetricsWriter(rank, args.tensorboard_dir)
     state = TrainState()
-    if args.load:
+    if weights is not None:
+        writer.line(f"initialised weights from {args.load}; starting at iteration 0")
+    elif args.load:
         state = load_checkpoint(engine, args.load, cfg) or state
         writer.line(f"resumed from {args.load} at iteration {state.iteration}" if state.iteration
                     else f"no checkpoint in {args.load}; starting from scratch")
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
     try:
         pretrain(parse_args(argv))
-    except (ConfigError, DatasetFormatError) as e:
+    except (ConfigError, DatasetFormatError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 

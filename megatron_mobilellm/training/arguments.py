@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints, evaluation and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None, help="resume from the newest checkpoint here, if any")
+    g.add_argument("--finetune", action="store_true",
+                   help="take only the weights from --load; start at iteration 0 with a fresh optimizer")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
@@ -113,6 +115,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.save_interval is not None:
         check(args.save_interval > 0, "--save-interval must be positive")
         check(args.save is not None, "--save-interval needs --save DIR")
+    check(not args.finetune or args.load is not None, "--finetune needs --load DIR")
     check(args.deepspeed_config is not None, "--deepspeed_config is required (see ds_configs/)")
     try:
         cfg = model_config(args)

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: DeepSpeed checkpoints ↔ Hugging Face directories."""

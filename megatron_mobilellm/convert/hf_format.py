@@ -1,0 +1,171 @@
+"""Hugging Face directories: write a Llama (or compact MobileLLM-format) export, and read one back.
+
+``llama`` format is a plain ``LlamaForCausalLM`` that loads with ``AutoModelForCausalLM.from_pretrained(dir)`` —
+layer-sharing blocks are unrolled into identical consecutive layers. ``mobilellm`` format keeps one layer per
+shared block with ``share_embedding``/``layer_sharing`` in the config, as the released MobileLLM remote code
+expects. Either way the tied embedding is stored exactly once (``model.embed_tokens.weight``), and the directory
+appears atomically: it is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_mobilellm.config import ModelConfig
+from megatron_mobilellm.model.hf_adapter import from_hf, hf_config_dict, to_hf
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+FORMATS = ("llama", "mobilellm")
+
+
+class ExportError(ValueError):
+    """An output or input Hugging Face directory that cannot be written or read as asked."""
+
+
+def hf_config(cfg: ModelConfig, fmt: str, dtype: torch.dtype, bos_id: int, eos_id: int) -> dict:
+    base = hf_config_dict(cfg, bos_id, eos_id)
+    base.update(rope_scaling=None, torch_dtype=_DTYPE_NAMES[dtype], use_cache=True, pretraining_tp=1,
+                attention_dropout=0.0)
+    if fmt == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **base}
+    base.update(num_hidden_layers=cfg.num_layers, share_embedding=cfg.tie_embeddings,
+                layer_sharing=cfg.layer_sharing)
+    return {"architectures": ["MobileLLMForCausalLM"], "model_type": "mobilellm", **base}
+
+
+def hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, fmt: str,
+               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Owned, contiguous tensors (safetensors refuses shared storage) with HF names."""
+    compact = ModelConfig(**{**cfg.to_dict(), "layer_sharing": False}) if fmt == "mobilellm" else cfg
+    return {k: v.to(dtype).contiguous().clone() for k, v in to_hf(state, compact).items()}
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _write_tokenizer(out: Path, tokenizer_model: str) -> tuple[int, int]:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
+    shutil.copy(tokenizer_model, out / "tokenizer.model")
+    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id())}
+    if sp.pad_id() >= 0:
+        special["pad_token"] = piece(sp.pad_id())
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "legacy": False, "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000, **special}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return sp.bos_id(), sp.eos_id()
+
+
+def write_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str | Path, dtype: str = "bf16",
+             fmt: str = "llama", tokenizer_model: str | None = None, overwrite: bool = False,
+             max_shard_bytes: int = 2 << 30) -> Path:
+    """Write the export; nothing appears at ``output`` unless every file was written."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: choose one of {FORMATS}")
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ExportError(f"--output {output} exists and is not empty (pass --overwrite to replace it)")
+    torch_dtype = DTYPES[dtype]
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        bos, eos = _write_tokenizer(tmp, tokenizer_model) if tokenizer_model else (1, 2)
+        _save_sharded(hf_tensors(state, cfg, fmt, torch_dtype), tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, fmt, torch_dtype, bos, eos), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}, indent=2))
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if files:
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(load_file(str(f)))
+        return tensors
+    files = sorted(hf_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise ExportError(f"--hf {hf_dir}: no *.safetensors or pytorch_model*.bin weights")
+    tensors = {}
+    for f in files:
+        tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+    return tensors
+
+
+def config_from_hf(hf_cfg: dict, layer_sharing: bool = False) -> ModelConfig:
+    """Our config for an HF Llama or MobileLLM-format config (``layer_sharing`` folds a Llama's layer pairs)."""
+    fmt_ls = bool(hf_cfg.get("layer_sharing", False))
+    layers = hf_cfg["num_hidden_layers"]
+    if layer_sharing and not fmt_ls:
+        if layers % 2:
+            raise ExportError(f"--layer-sharing: {layers} layers cannot fold into shared pairs")
+        layers //= 2
+    rope = hf_cfg.get("rope_parameters") or {}
+    heads = hf_cfg["num_attention_heads"]
+    return ModelConfig(
+        num_layers=layers, hidden_size=hf_cfg["hidden_size"], ffn_hidden_size=hf_cfg["intermediate_size"],
+        num_attention_heads=heads, num_query_groups=hf_cfg.get("num_key_value_heads", heads),
+        kv_channels=hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // heads, vocab_size=hf_cfg["vocab_size"],
+        max_position_embeddings=hf_cfg.get("max_position_embeddings", 2048),
+        rotary_base=float(hf_cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+        norm_epsilon=hf_cfg.get("rms_norm_eps", 1e-5), init_method_std=hf_cfg.get("initializer_range", 0.02),
+        tie_embeddings=bool(hf_cfg.get("tie_word_embeddings", hf_cfg.get("share_embedding", True))),
+        layer_sharing=layer_sharing or fmt_ls)
+
+
+def read_hf(hf_dir: str | Path, layer_sharing: bool = False) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Our state dict and config from an HF directory (Llama, or MobileLLM format incl. released ``.bin`` files
+    without ``lm_head``)."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ExportError(f"--hf {hf_dir}: no config.json")
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg = config_from_hf(hf_cfg, layer_sharing)
+    tensors = _read_weights(hf_dir)
+    if "model.embed_tokens.weight" not in tensors:
+        raise ExportError(f"--hf {hf_dir}: no model.embed_tokens.weight in the weights")
+    compact = hf_cfg.get("model_type") == "mobilellm"
+    if compact:  # one HF layer per block: map as a non-shared model, then mark sharing in the config
+        mapped = from_hf(tensors, ModelConfig(**{**cfg.to_dict(), "layer_sharing": False}))
+    else:
+        mapped = from_hf(tensors, cfg)
+    return {k: v.float().contiguous() for k, v in mapped.items()}, cfg
