@@ -194,6 +194,6 @@ def test_finetune_takes_weights_only(corpus, checkpoints, tmp_path):
     assert "initialised weights from" in res.stdout and "done: 2 iterations, 16 samples" in res.stdout
     fresh = run_pretrain(tiny_args(corpus, tmp_path, iters=2, zero=2, **{"--eval-iters": 0}))
     first = lambda out: float(out.split("lm loss")[1].split("|")[0])  # noqa: E731
-    assert first(res.stdout) < first(fresh.stdout) - 0.5  # starts from the trained weights, not from scratch
+    assert first(res.stdout) < first(fresh.stdout) - 0.2  # starts from the trained weights, not from scratch
     res = tool("convert_hf_to_checkpoint.py", "--hf", tmp_path / "missing", "--output", tmp_path / "x", check=False)
     assert res.returncode == 1 and "no config.json" in res.stderr
