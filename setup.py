@@ -19,7 +19,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "transformers", "megatron-core==0.16.1", "triton"],
+        "dev": ["pytest", "transformers", "megatron-core==0.16.1", "triton", "matplotlib"],
         "flash": ["flash-attn"],
     },
 )

@@ -197,6 +197,8 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     batches = iter(build_loader(datasets["train"], state.consumed_samples, args.micro_batch_size, rank, world,
                                 args.num_workers))
     valid = datasets["valid"] if args.eval_iters else None
+    if valid is not None and state.iteration == 0:  # a baseline point for the validation curve
+        run_validation(engine, valid, args, state, writer, device)
     throughput = Throughput(cfg, args, device)
     interval_loss = torch.zeros((), device=device)
     last_saved = state.iteration if args.load else -1

@@ -46,7 +46,7 @@ def test_tensorboard_has_every_tag(zero_runs):
     scalars = read_scalars(work / "tb")
     assert TAGS <= set(scalars)
     assert sorted(scalars["train/loss"]) == list(range(1, 31))
-    assert sorted(scalars["valid/loss"]) == [10, 20, 30]
+    assert sorted(scalars["valid/loss"]) == [0, 10, 20, 30]
     assert scalars["train/lr"][1] == 0.0 and scalars["train/lr"][3] == pytest.approx(3e-3)
     assert all(v > 0 for v in scalars["train/tokens_per_sec"].values())
 
