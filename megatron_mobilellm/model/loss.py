@@ -60,4 +60,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 def cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The plain formula, materialising all fp32 logits; for tests."""
-    return F.cross_entropy((hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32)), labels, ignore_index=IGNORE_INDEX)
+    logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)

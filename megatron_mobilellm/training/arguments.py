@@ -71,11 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, with --save) once the iteration is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit once the run has lasted this long (e.g. before a job's time limit)")
+    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N complete checkpoints")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for MFU (default: from the GPU name; dense bf16)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("bad steps")
+    g.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="stop after this many consecutive skipped updates (non-finite loss/gradients, spikes)")
+    g.add_argument("--loss-spike-factor", type=float, default=None,
+                   help="also skip an update whose loss exceeds this factor × the running mean of recent losses")
+    g.add_argument("--inject-nan-loss-at", default="", help=argparse.SUPPRESS)  # fault injection for tests
 
     import deepspeed
 
@@ -116,6 +126,9 @@ def validate_args(args: argparse.Namespace) -> None:
         check(args.save_interval > 0, "--save-interval must be positive")
         check(args.save is not None, "--save-interval needs --save DIR")
     check(not args.finetune or args.load is not None, "--finetune needs --load DIR")
+    check(args.keep_last is None or args.keep_last >= 1, "--keep-last must be >= 1")
+    check(args.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
+    check(args.loss_spike_factor is None or args.loss_spike_factor > 1, "--loss-spike-factor must be > 1")
     check(args.deepspeed_config is not None, "--deepspeed_config is required (see ds_configs/)")
     try:
         cfg = model_config(args)

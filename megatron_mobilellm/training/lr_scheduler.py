@@ -39,6 +39,7 @@ class LRScheduler:
     def __init__(self, optimizer: torch.optim.Optimizer, **schedule):
         self.optimizer, self.schedule = optimizer, schedule
         self.iteration = 0
+        self.hold_next_step = False  # set when an update was discarded behind DeepSpeed's back
         self._apply()
 
     def _apply(self) -> None:
@@ -47,6 +48,9 @@ class LRScheduler:
             group["lr"] = value
 
     def step(self, increment: int = 1) -> None:
+        if self.hold_next_step:
+            self.hold_next_step = False
+            return
         self.iteration += increment
         self._apply()
 
