@@ -1,0 +1,195 @@
+"""Fault injection: kill -9 mid-save, preemption signals, NaN losses, damaged checkpoints, data faults, and resume
+on a different number of ranks. Each proves that relaunching the same command continues the same run."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import env, free_port, logged_losses, make_corpus, read_scalars, run_pretrain, tiny_args
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("data") / "corpus", num_docs=200)
+
+
+def launch(args, nproc=2, extra_env=None):
+    cmd = [sys.executable, "-m", "megatron_mobilellm.pretrain", *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+         "-m", "megatron_mobilellm.pretrain", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**env(), **(extra_env or {})}, start_new_session=True)
+
+
+def wait_for_line(proc, needle, timeout=300):
+    """Read the process's output until a line contains ``needle``; returns that line and everything before."""
+    seen, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return line, "".join(seen)
+        assert time.time() < deadline, f"timed out waiting for {needle!r}"
+    raise AssertionError(f"process ended before printing {needle!r}:\n{''.join(seen)[-3000:]}")
+
+
+def worker_pids(launcher_pid):
+    """PIDs of the trainer processes below a launcher (read from /proc)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text().split()
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat[3]) == launcher_pid and b"megatron_mobilellm.pretrain" in cmd:
+                pids.append(int(d.name))
+    return sorted(pids)
+
+
+def common(corpus, work, save, **kw):
+    return tiny_args(corpus, work, iters=30, zero=1, **{"--save": save, "--load": save, "--save-interval": 10,
+                                                        "--eval-iters": 0, **kw})
+
+
+def test_kill9_during_save_resumes_from_previous_complete_checkpoint(corpus, tmp_path):
+    ref = run_pretrain(common(corpus, tmp_path, tmp_path / "ref", **{"--tensorboard-dir": tmp_path / "tb_ref"}),
+                       nproc=2)
+    assert "done: 30 iterations" in ref.stdout
+    save = tmp_path / "ckpt"
+    proc = launch(common(corpus, tmp_path, save), extra_env={"MEGATRON_MOBILELLM_TEST_SAVE_DELAY": "20:120"})
+    line, _ = wait_for_line(proc, "save of iteration 20 in progress on rank 1")
+    os.kill(int(re.search(r"rank 1 \(pid (\d+)\)", line).group(1)), signal.SIGKILL)  # one rank dies mid-save
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)  # and the scheduler tears the job down
+    proc.wait(timeout=60)
+    assert (save / "latest").read_text() == "iter_0000010"
+    assert (save / "iter_0000020").is_dir() and not (save / "iter_0000020" / "manifest.json").exists()
+    again = run_pretrain(common(corpus, tmp_path, save, **{"--tensorboard-dir": tmp_path / "tb_again"}), nproc=2)
+    assert "resumed from" in again.stdout and "at iteration 10" in again.stdout
+    a, b = read_scalars(tmp_path / "tb_ref")["train/loss"], read_scalars(tmp_path / "tb_again")["train/loss"]
+    assert sorted(b) == list(range(11, 31))
+    assert all(a[i] == b[i] for i in range(11, 31))  # bitwise, fp32
+    assert (save / "latest").read_text() == "iter_0000030" and (save / "iter_0000020" / "manifest.json").exists()
+
+
+def test_damaged_latest_falls_back_with_a_warning(corpus, tmp_path):
+    save = tmp_path / "ckpt"
+    run_pretrain(common(corpus, tmp_path, save, **{"--train-iters": 20, "--keep-last": 2}), nproc=1)
+    shard = sorted((save / "iter_0000020").glob("*optim_states.pt"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # a truncated shard after the fact
+    res = run_pretrain(common(corpus, tmp_path, save, **{"--train-iters": 20}), nproc=1)
+    assert "warning: skipping checkpoint" in res.stdout and "has 100 bytes, the manifest says" in res.stdout
+    assert "resumed from" in res.stdout and "at iteration 10" in res.stdout
+
+
+def test_keep_last_prunes_old_checkpoints(corpus, tmp_path):
+    save = tmp_path / "ckpt"
+    run_pretrain(common(corpus, tmp_path, save, **{"--train-iters": 40, "--keep-last": 2}), nproc=1)
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000030", "iter_0000040"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_and_exits_cleanly(corpus, tmp_path, sig):
+    kw = {"--train-iters": 60, "--save-interval": 1000, "--tensorboard-dir": tmp_path / "tb_ref"}
+    run_pretrain(common(corpus, tmp_path, tmp_path / "ref", **kw), nproc=2)
+    save = tmp_path / "ckpt"
+    proc = launch(common(corpus, tmp_path, save, **{**kw, "--tensorboard-dir": tmp_path / "tb_1"}))
+    wait_for_line(proc, "iteration        5/")
+    os.kill(worker_pids(proc.pid)[-1], sig)  # one rank gets the signal; all must agree to stop
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = [line for line in out.splitlines() if "exiting at iteration" in line]
+    assert stopped and (f"after a stop signal ({sig.name})" in stopped[0] or "on another rank" in stopped[0])
+    k = int(stopped[0].split("exiting at iteration ")[1].split()[0])
+    assert 5 <= k < 60 and (save / "latest").read_text() == f"iter_{k:07d}"
+    again = run_pretrain(common(corpus, tmp_path, save, **{**kw, "--tensorboard-dir": tmp_path / "tb_2"}), nproc=2)
+    assert f"at iteration {k}" in again.stdout
+    a, b = read_scalars(tmp_path / "tb_ref")["train/loss"], read_scalars(tmp_path / "tb_2")["train/loss"]
+    assert all(a[i] == b[i] for i in range(k + 1, 61))
+
+
+def test_exit_duration_saves_and_exits(corpus, tmp_path):
+    res = run_pretrain(common(corpus, tmp_path, tmp_path / "ckpt", **{"--train-iters": 100000,
+                                                                       "--exit-duration-in-mins": 0.05}), nproc=1)
+    assert "after --exit-duration-in-mins 0.05" in res.stdout and (tmp_path / "ckpt" / "latest").exists()
+
+
+@pytest.mark.parametrize("zero", [0, 1, 3])
+def test_nan_loss_is_skipped_and_counted(corpus, tmp_path, zero):
+    res = run_pretrain(tiny_args(corpus, tmp_path, iters=8, zero=zero,
+                                 **{"--inject-nan-loss-at": "5", "--eval-iters": 0,
+                                    "--tensorboard-dir": tmp_path / "tb"}), nproc=1)
+    assert "skipped the update of iteration 5" in res.stdout and "1 skipped updates" in res.stdout
+    scalars = read_scalars(tmp_path / "tb")
+    losses, lrs = scalars["train/loss"], scalars["train/lr"]
+    assert all(np.isfinite(losses[i]) for i in (6, 7, 8))
+    assert lrs[6] == lrs[5]  # the schedule did not advance for the discarded update
+    assert scalars["train/skipped_steps"][8] == 1
+
+
+def test_consecutive_nan_losses_stop_the_run(corpus, tmp_path):
+    res = run_pretrain(tiny_args(corpus, tmp_path, iters=20, zero=2,
+                                 **{"--inject-nan-loss-at": "4,5,6", "--max-skipped-steps": 3, "--eval-iters": 0}),
+                       nproc=2, check=False)
+    assert res.returncode != 0
+    assert ("3 consecutive updates skipped (--max-skipped-steps 3), the last at iteration 6, "
+            "global samples [40, 48) of the train split") in res.stderr
+
+
+def test_loss_spike_detection_skips_the_update(corpus, tmp_path):
+    # A factor barely above 1 makes ordinary noise count as a spike once the running window is full.
+    res = run_pretrain(tiny_args(corpus, tmp_path, iters=40, zero=1,
+                                 **{"--loss-spike-factor": 1.0001, "--max-skipped-steps": 100, "--eval-iters": 0,
+                                    "--lr": "1e-5"}), nproc=1)
+    assert "skipped the update of iteration" in res.stdout
+    skipped = int(res.stdout.split("done: 40 iterations, 320 samples, ")[1].split()[0])
+    assert 0 < skipped < 40
+
+
+def corrupt(prefix: Path, kind: str) -> Path:
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    if kind == "magic":
+        idx.write_bytes(b"NOTMMIDX\x00" + idx.read_bytes()[9:])
+    elif kind == "version":
+        raw = bytearray(idx.read_bytes())
+        raw[9] = 7
+        idx.write_bytes(bytes(raw))
+    elif kind == "bin_size":
+        bin_.write_bytes(bin_.read_bytes()[:-10])
+    elif kind == "missing_bin":
+        bin_.unlink()
+    return {"magic": idx, "version": idx, "bin_size": bin_, "missing_bin": bin_}[kind]
+
+
+@pytest.mark.parametrize("kind,message", [("magic", "bad magic"), ("version", "unsupported index version 7"),
+                                          ("bin_size", "truncated or mismatched pair"),
+                                          ("missing_bin", "no such file")])
+def test_data_faults_fail_before_training(tmp_path, kind, message):
+    data = make_corpus(tmp_path / "d", num_docs=30)
+    bad_file = corrupt(data, kind)
+    res = run_pretrain(tiny_args(data, tmp_path), check=False)
+    assert res.returncode == 1 and str(bad_file) in res.stderr and message in res.stderr
+    assert "iteration" not in res.stdout
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_resume_on_fewer_ranks_continues_the_run(corpus, tmp_path, zero):
+    kw = {"--train-iters": 20, "--save-interval": 10, "--tensorboard-dir": tmp_path / "tb_ref"}
+    args = lambda save, **more: tiny_args(corpus, tmp_path, iters=20, zero=zero,  # noqa: E731
+                                          **{"--save": save, "--load": save, "--eval-iters": 0, **kw, **more})
+    run_pretrain(args(tmp_path / "ref"), nproc=2)
+    run_pretrain(args(tmp_path / "ckpt", **{"--exit-interval": 10}), nproc=2)
+    res = run_pretrain(args(tmp_path / "ckpt", **{"--tensorboard-dir": tmp_path / "tb_1rank"}), nproc=1)
+    assert "saved by 2 ranks; loading it through DeepSpeed's universal checkpoint format for 1" in res.stdout
+    assert "at iteration 10" in res.stdout and "done: 20 iterations, 160 samples" in res.stdout
+    a, b = read_scalars(tmp_path / "tb_ref")["train/loss"], read_scalars(tmp_path / "tb_1rank")["train/loss"]
+    for i in range(11, 21):  # same data, same optimizer state; only the reduction order differs
+        assert b[i] == pytest.approx(a[i], rel=1e-4), i
