@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_mobilellm.model.attention import attention, resolve_backend
 from megatron_mobilellm.model.loss import cross_entropy_reference, linear_cross_entropy
 from megatron_mobilellm.model.swiglu import swiglu, swiglu_reference
 
@@ -38,6 +39,23 @@ def main() -> None:
         rows.append(("linear CE loss", dtype, abs(loss.item() - ref_loss.item()) / ref_loss.item(), budget))
         rows.append(("linear CE d_hidden", dtype, rel_err(gh, gh32), budget))
         rows.append(("linear CE d_weight", dtype, rel_err(gw, gw32), budget))
+        q = torch.randn(4, 9, 2048, 64, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(4, 3, 2048, 64, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(4, 3, 2048, 64, device="cuda", dtype=dtype, requires_grad=True)
+        go = torch.randn(4, 2048, 9 * 64, device="cuda", dtype=dtype)
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref = attention(q32, k32, v32, "eager")
+        ref_grads = torch.autograd.grad(ref, (q32, k32, v32), go.float())
+        backends = ["sdpa"] + (["cudnn"] if resolve_backend("auto", q.device) == "cudnn" else [])
+        for backend in backends:
+            if backend == "cudnn" and dtype == torch.float32:
+                continue  # cuDNN attention is a half-precision kernel
+            out = attention(q, k, v, backend)
+            grads = torch.autograd.grad(out, (q, k, v), go)
+            rows.append((f"attention {backend} fwd", dtype, rel_err(out, ref), budget))
+            rows.append((f"attention {backend} dq", dtype, rel_err(grads[0], ref_grads[0]), budget))
+            rows.append((f"attention {backend} dk,dv", dtype, max(rel_err(grads[1], ref_grads[1]),
+                                                                 rel_err(grads[2], ref_grads[2])), budget))
     ok = True
     for name, dtype, err, budget in rows:
         good = err <= budget and err == err

@@ -46,7 +46,7 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def _want_triton(x: torch.Tensor, backend: str) -> bool:
-    if backend == "torch":
+    if backend == "torch" or torch.compiler.is_compiling():  # inductor fuses the torch maths itself
         return False
     if backend == "triton":
         if not triton_kernels.AVAILABLE:

@@ -109,6 +109,12 @@ class MobileLLM(nn.Module):
             else:
                 p.normal_(0.0, self.config.init_method_std, generator=generator)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block: fuses norms, RoPE, SwiGLU and residual adds around the matmuls. Per block
+        rather than whole-model so compile time stays flat in depth and DeepSpeed's hooks stay outside graphs."""
+        for layer in self.decoder.layers:
+            layer.compile()
+
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block in backward instead of keeping its activations."""
         self.decoder.activation_checkpointing = enabled
