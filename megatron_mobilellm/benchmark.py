@@ -105,6 +105,8 @@ def measure(name: str, preset: str, micro: int, seq: int, device: torch.device, 
     try:
         cfg, step, keep = build()
         times = time_steps(step, device, opts.warmup, opts.steps)
+        if opts.profile and name.startswith("ours"):
+            profile(step, device)
     except torch.OutOfMemoryError:
         return {"name": name, "preset": preset, "micro_batch": micro, "error": "out of memory"}
     median = statistics.median(times)
@@ -117,6 +119,19 @@ def measure(name: str, preset: str, micro: int, seq: int, device: torch.device, 
     del keep, step
     gc.collect()
     return row
+
+
+def profile(step, device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
 
 
 def print_table(rows: list[dict]) -> None:
@@ -149,6 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="transformers baselines to run in the same process (none: pass the flag alone)")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 of our steps")
     opts = p.parse_args(argv)
 
     from megatron_mobilellm.pretrain import init_distributed
