@@ -58,7 +58,7 @@ def ours(preset: str, micro: int, seq: int, device: torch.device, opts: argparse
             str(micro), "--global-batch-size", str(micro), "--train-iters", "1000", "--lr-warmup-iters", "10",
             "--deepspeed_config", opts.deepspeed_config, "--attention-backend", opts.attention_backend,
             "--optimizer", opts.optimizer]
-    argv += ["--compile"] if opts.compile else []
+    argv += ["--compile", opts.compile] if opts.compile else []
     argv += ["--recompute-activations"] if opts.recompute_activations else []
     args = build_parser().parse_args(argv)
     validate_args(args)
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--optimizer", default="torch_adamw", choices=["torch_adamw", "deepspeed_adam"])
-    p.add_argument("--compile", action="store_true", help="ours: torch.compile every transformer block")
+    p.add_argument("--compile", nargs="?", const="blocks", default=None, choices=["blocks", "decoder"],
+                   help="ours: torch.compile each block (default) or the whole decoder")
     p.add_argument("--recompute-activations", action="store_true")
     p.add_argument("--baseline", nargs="*", default=["eager", "compile"], choices=["eager", "compile"],
                    help="transformers baselines to run in the same process (none: pass the flag alone)")
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for preset in opts.presets:
         for micro in opts.micro_batch_sizes:
             seq = min(opts.seq_length, PRESETS[preset].get("max_position_embeddings", 2048))
-            label = "ours" + (" +compile" if opts.compile else "") + f" ({opts.attention_backend}, {opts.optimizer})"
+            label = "ours" + (f" +compile {opts.compile}" if opts.compile else "") + \
+                f" ({opts.attention_backend}, {opts.optimizer}, {opts.deepspeed_config.split('/')[-1][:-5]})"
             row = measure(label, preset, micro, seq, device, lambda: ours(preset, micro, seq, device, opts), opts)
             base_rows = [measure(f"transformers {kind}", preset, micro, seq, device,
                                  lambda kind=kind: transformers_baseline(preset, micro, seq, device,

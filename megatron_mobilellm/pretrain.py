@@ -137,7 +137,7 @@ def build_engine(args: argparse.Namespace, cfg: ModelConfig, device: torch.devic
         model.load_state_dict(weights)
     model.set_activation_checkpointing(args.recompute_activations)
     if args.compile:
-        model.compile_blocks()
+        model.compile(args.compile)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     optimizer = build_optimizer(model, args, device, offload)
     schedule = dict(lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,

@@ -15,6 +15,34 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def _chunk_loss_and_grad_eager(logits: torch.Tensor, y: torch.Tensor, n_valid: torch.Tensor, acc_dtype: torch.dtype,
+                               compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed loss of one chunk and d(mean loss)/d(logits) in the logits' dtype (softmax − one-hot, / n_valid)."""
+    logits32 = logits.to(acc_dtype)
+    loss = F.cross_entropy(logits32, y, ignore_index=IGNORE_INDEX, reduction="sum")
+    if not compute_grad:
+        return loss, None
+    valid = y != IGNORE_INDEX
+    grad = torch.softmax(logits32, dim=-1)
+    grad = grad - F.one_hot(y.clamp(min=0), grad.shape[-1]).to(acc_dtype)
+    grad = grad * (valid.unsqueeze(1) / n_valid)
+    return loss, grad.to(logits.dtype)
+
+
+_compiled_chunk = None
+
+
+def _chunk_loss_and_grad(logits, y, n_valid, acc_dtype, compute_grad):
+    """On CUDA the chunk's elementwise work (upcast, softmax, one-hot, scale, downcast) is compiled into one or two
+    passes over the ``[chunk, vocab]`` logits instead of about eight."""
+    global _compiled_chunk
+    if not logits.is_cuda:
+        return _chunk_loss_and_grad_eager(logits, y, n_valid, acc_dtype, compute_grad)
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad_eager, dynamic=False)
+    return _compiled_chunk(logits, y, n_valid, acc_dtype, compute_grad)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
@@ -27,14 +55,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
             y = labels[start:start + chunk_size]
-            logits = (h @ weight.t()).to(acc_dtype)  # (chunk, vocab)
-            loss += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+            logits = h @ weight.t()  # (chunk, vocab), in the compute dtype
+            chunk_loss, grad_logits = _chunk_loss_and_grad(logits, y, n_valid, acc_dtype, compute_grad)
+            loss += chunk_loss
             if compute_grad:
-                valid = y != IGNORE_INDEX
-                grad_logits = torch.softmax(logits, dim=-1)
-                grad_logits[valid, y[valid]] -= 1.0
-                grad_logits *= valid.unsqueeze(1) / n_valid
-                grad_logits = grad_logits.to(hidden.dtype)
                 grad_hidden[start:start + chunk_size] = grad_logits @ weight
                 grad_weight += (grad_logits.t() @ h).to(acc_dtype)
         if compute_grad:

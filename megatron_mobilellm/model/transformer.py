@@ -109,11 +109,18 @@ class MobileLLM(nn.Module):
             else:
                 p.normal_(0.0, self.config.init_method_std, generator=generator)
 
-    def compile_blocks(self) -> None:
-        """torch.compile each block: fuses norms, RoPE, SwiGLU and residual adds around the matmuls. Per block
-        rather than whole-model so compile time stays flat in depth and DeepSpeed's hooks stay outside graphs."""
-        for layer in self.decoder.layers:
-            layer.compile()
+    def compile(self, scope: str = "blocks") -> None:
+        """torch.compile: fuses norms, RoPE, SwiGLU and residual adds around the matmuls. ``blocks`` compiles each
+        block (compile time flat in depth; works with ZeRO-3's parameter hooks); ``decoder`` compiles the whole
+        stack as one graph, which removes per-block launch overhead (thin models are CPU-bound) but compiles
+        longer. The loss stays outside: it is already chunked and fused."""
+        if scope == "decoder":
+            self.decoder.compile()
+        elif scope == "blocks":
+            for layer in self.decoder.layers:
+                layer.compile()
+        else:
+            raise ValueError(f"unknown compile scope {scope!r}")
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block in backward instead of keeping its activations."""

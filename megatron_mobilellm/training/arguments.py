@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", choices=BACKENDS, default="auto")
     g.add_argument("--recompute-activations", "--activation-checkpointing", dest="recompute_activations",
                    action="store_true", help="checkpoint every block (recompute its activations in backward)")
-    g.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
+    g.add_argument("--compile", nargs="?", const="blocks", default=None, choices=["blocks", "decoder"],
+                   help="torch.compile each block (default) or the whole decoder as one graph")
     g.add_argument("--loss-chunk-size", type=int, default=4096, help="tokens per chunk of the output/loss")
 
     g = p.add_argument_group("data")
