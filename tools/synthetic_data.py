@@ -20,12 +20,22 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--mean-doc-length", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=["random", "progressions"], default="random",
+                   help="random tokens (loss stays at ln V; for speed) or learnable arithmetic progressions "
+                        "(loss falls; for comparing loss curves)")
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     lengths = rng.integers(1, 2 * args.mean_doc_length, size=args.tokens // args.mean_doc_length + 1)
     lengths = lengths[:np.searchsorted(np.cumsum(lengths), args.tokens) + 1]
+    if args.kind == "random":
+        tokens = rng.integers(0, args.vocab_size, size=int(lengths.sum()))
+    else:  # each document counts from a random start with a random small step, modulo the vocabulary
+        doc = np.repeat(np.arange(len(lengths)), lengths)
+        pos = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        starts, steps = rng.integers(0, args.vocab_size, len(lengths)), rng.integers(1, 8, len(lengths))
+        tokens = (starts[doc] + pos * steps[doc]) % args.vocab_size
     with IndexedDatasetWriter(args.output_prefix, token_dtype(args.vocab_size)) as w:
-        w.add_documents(rng.integers(0, args.vocab_size, size=int(lengths.sum())), lengths)
+        w.add_documents(tokens, lengths)
     print(f"wrote {len(lengths):,} documents, {int(lengths.sum()):,} tokens to {args.output_prefix}.bin/.idx")
 
 
