@@ -199,3 +199,17 @@ def test_config_cli_prints_exact_preset_counts():
     rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[2:] if "yes" not in line.split()}
     for name, count in expected.items():
         assert rows[name] == count
+
+
+@pytest.mark.parametrize("scope", ["blocks", "decoder"])
+def test_compiled_model_matches_eager(scope):
+    eager = tiny_model(layer_sharing=True)
+    compiled = tiny_model(layer_sharing=True)
+    compiled.compile(scope)
+    ids, labels = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+    eager(ids, labels).backward()
+    loss = compiled(ids, labels)
+    loss.backward()
+    assert abs(loss.item() - eager(ids, labels).item()) <= 1e-5
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
