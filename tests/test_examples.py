@@ -36,3 +36,20 @@ def test_multi_node_recipe_scales_lr_linearly():
     assert cmd[1:5] == ["--hostfile", str(ROOT / "examples" / "hostfile"), "--master_addr", "node-1"]
     args = parse_args(trainer_args(cmd))
     assert args.global_batch_size == 4 * 8 * 32 and args.lr == pytest.approx(2e-3)
+
+
+def test_slurm_script_writes_hostfile_from_allocation(tmp_path):
+    # A stand-in scontrol that expands the node list as SLURM would.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\ngpu-c\\n'\n")
+    (fake / "scontrol").chmod(0o755)
+    res = subprocess.run(["bash", str(ROOT / "examples" / "slurm_pretrain.sbatch"), "350M"], cwd=tmp_path,
+                         env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "DRY_RUN": "1",
+                              "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "gpu-[a-c]", "SLURM_JOB_NUM_NODES": "3"},
+                         capture_output=True, text=True, check=True)
+    assert (tmp_path / "hostfile.42").read_text() == "gpu-a slots=8\ngpu-b slots=8\ngpu-c slots=8\n"
+    cmd = shlex.split(res.stdout)
+    assert cmd[1:5] == ["--hostfile", "hostfile.42", "--master_addr", "gpu-a"]
+    args = parse_args(trainer_args(cmd))
+    assert args.global_batch_size == 3 * 8 * 32 and args.lr == pytest.approx(1.5e-3)
