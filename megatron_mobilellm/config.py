@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print the MobileLLM presets with exact parameter counts.")
     parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (default 32000)")
     args = parser.parse_args(argv)
-    header = f"{'preset':<8}{'LS':>4}{'layers':>8}{'dim':>6}{'heads':>7}{'kv':>4}{'ffn':>7}{'vocab':>7}{'params':>16}"
+    header = (f"{'preset':<8}{'LS':>4}{'layers':>8}{'passes':>8}{'dim':>6}{'heads':>7}{'kv':>4}{'ffn':>7}{'vocab':>7}"
+              f"{'params':>16}")
     print(header)
     print("-" * len(header))
     for name in PRESETS:
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             if ls and name not in ("125M", "350M"):
                 continue  # the paper releases LS variants of these two sizes
             cfg = get_config(name, layer_sharing=ls, vocab_size=args.vocab_size)
-            print(f"{name:<8}{'yes' if ls else '':>4}{cfg.num_layers:>8}{cfg.hidden_size:>6}"
+            print(f"{name:<8}{'yes' if ls else '':>4}{cfg.num_layers:>8}{cfg.num_passes:>8}{cfg.hidden_size:>6}"
                   f"{cfg.num_attention_heads:>7}{cfg.num_query_groups:>4}{cfg.ffn_hidden_size:>7}"
                   f"{cfg.vocab_size:>7}{count_parameters(cfg):>16,}")
 

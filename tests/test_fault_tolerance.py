@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import env, free_port, logged_losses, make_corpus, read_scalars, run_pretrain, tiny_args
+from helpers import env, free_port, make_corpus, read_scalars, run_pretrain, tiny_args
 
 
 @pytest.fixture(scope="module")

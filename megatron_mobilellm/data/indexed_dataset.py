@@ -179,7 +179,7 @@ def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path) -> int
     datasets = [IndexedDataset(p) for p in prefixes]
     dtypes = {ds.dtype for ds in datasets}
     if len(dtypes) != 1:
-        raise DatasetFormatError(f"cannot merge datasets of different token dtypes: "
+        raise DatasetFormatError("cannot merge datasets of different token dtypes: "
                                  + ", ".join(f"{ds.prefix}={ds.dtype}" for ds in datasets))
     dtype = dtypes.pop()
     writer = IndexedDatasetWriter(output_prefix, dtype)

@@ -156,7 +156,8 @@ def _parse_ids_fast(line: bytes, key: bytes, vocab_size: int) -> np.ndarray | No
     return ids
 
 
-def _parse_ids_slow(line: bytes, key: str, vocab_size: int) -> np.ndarray:
+def _value_of(line: bytes, key: str):
+    """``line``'s JSON object's ``key``, or BadLine saying why there is none."""
     if not line.strip():
         raise BadLine("empty line")
     try:
@@ -167,7 +168,11 @@ def _parse_ids_slow(line: bytes, key: str, vocab_size: int) -> np.ndarray:
         raise BadLine(f"expected a JSON object, got {type(obj).__name__}")
     if key not in obj:
         raise BadLine(f"missing key {key!r}")
-    ids = obj[key]
+    return obj[key]
+
+
+def _parse_ids_slow(line: bytes, key: str, vocab_size: int) -> np.ndarray:
+    ids = _value_of(line, key)
     if not isinstance(ids, list):
         raise BadLine(f"{key!r} is not a list")
     if not ids:
@@ -194,15 +199,7 @@ def _init_worker(opts: Options) -> None:
 
 
 def _parse_text(line: bytes, opts: Options) -> np.ndarray:
-    if not line.strip():
-        raise BadLine("empty line")
-    try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError as e:
-        raise BadLine(f"malformed JSON ({e})") from None
-    if not isinstance(obj, dict) or opts.json_key not in obj:
-        raise BadLine(f"missing key {opts.json_key!r}")
-    text = obj[opts.json_key]
+    text = _value_of(line, opts.json_key)
     if not isinstance(text, str):
         raise BadLine(f"{opts.json_key!r} is not a string")
     ids = _tokenizer.encode(text)
