@@ -21,11 +21,20 @@ def zero_runs(corpus, tmp_path_factory):
         res = run_pretrain(tiny_args(corpus, work, iters=30, zero=zero, **{"--tensorboard-dir": work / "tb"}),
                            nproc=2)
         runs[zero] = (res, work)
+    work = tmp_path_factory.mktemp("zero3_recompute")
+    runs["3+recompute"] = (run_pretrain(tiny_args(corpus, work, iters=30, zero=3,
+                                                  **{"--recompute-activations": ""}), nproc=2), work)
     return runs
 
 
+def test_activation_checkpointing_under_deepspeed_gives_the_same_losses(zero_runs):
+    plain, recompute = logged_losses(zero_runs[3][0].stdout), logged_losses(zero_runs["3+recompute"][0].stdout)
+    assert plain.keys() == recompute.keys()
+    assert all(recompute[i] == pytest.approx(plain[i], rel=1e-6) for i in plain)
+
+
 def test_zero_stages_train_and_loss_falls(zero_runs):
-    for zero, (res, _) in zero_runs.items():
+    for zero, (res, _) in ((z, r) for z, r in zero_runs.items() if isinstance(z, int)):
         losses = logged_losses(res.stdout)
         assert sorted(losses) == list(range(1, 31)), zero
         assert losses[30] < losses[1] - 1.0, (zero, losses[1], losses[30])
