@@ -22,10 +22,10 @@ def _chunk_loss_and_grad_eager(logits: torch.Tensor, y: torch.Tensor, n_valid: t
     loss = F.cross_entropy(logits32, y, ignore_index=IGNORE_INDEX, reduction="sum")
     if not compute_grad:
         return loss, None
-    valid = y != IGNORE_INDEX
+    valid = (y != IGNORE_INDEX).unsqueeze(1)
     grad = torch.softmax(logits32, dim=-1)
-    grad = grad - F.one_hot(y.clamp(min=0), grad.shape[-1]).to(acc_dtype)
-    grad = grad * (valid.unsqueeze(1) / n_valid)
+    grad.scatter_add_(1, y.clamp(min=0).unsqueeze(1), -valid.to(acc_dtype))  # − one-hot, static shapes
+    grad.mul_(valid / n_valid)
     return loss, grad.to(logits.dtype)
 
 
