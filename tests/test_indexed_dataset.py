@@ -104,6 +104,15 @@ def test_merge_keeps_documents(tmp_path):
     mc = McoreDataset(str(tmp_path / "m"))
     assert [mc[i].tolist() for i in range(3)] == [[1, 2], [3], [4, 5, 6]]
     assert mc.document_indices.tolist() == [0, 1, 2, 3]
+    # A megatron-core dataset whose second document has two sequences keeps that boundary when merged.
+    builder = IndexedDatasetBuilder(str(tmp_path / "mc.bin"), dtype=np.uint16)
+    builder.add_document(torch.tensor([7]), [1])
+    builder.add_document(torch.tensor([8, 9, 10]), [2, 1])
+    builder.finalize(str(tmp_path / "mc.idx"))
+    merge_datasets([tmp_path / "a", tmp_path / "mc"], tmp_path / "m3")
+    assert IndexedDataset(tmp_path / "m3").document_indices.tolist() == [0, 1, 2, 3, 5]
+    merged = McoreDataset(str(tmp_path / "m3"))  # kept alive: its __del__ unmaps what its arrays point into
+    assert merged[4].tolist() == [10]
     write(tmp_path / "w", [[1]], np.int32)
     with pytest.raises(DatasetFormatError, match="different token dtypes"):
         merge_datasets([tmp_path / "a", tmp_path / "w"], tmp_path / "m2")

@@ -10,13 +10,13 @@ appears atomically: it is written under a temporary name and renamed when comple
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_mobilellm.atomic import atomic_directory
 from megatron_mobilellm.config import ModelConfig
 from megatron_mobilellm.model.hf_adapter import from_hf, hf_config_dict, to_hf
 
@@ -97,21 +97,12 @@ def write_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str | Pat
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ExportError(f"--output {output} exists and is not empty (pass --overwrite to replace it)")
     torch_dtype = DTYPES[dtype]
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(output) as tmp:
         bos, eos = _write_tokenizer(tmp, tokenizer_model) if tokenizer_model else (1, 2)
         _save_sharded(hf_tensors(state, cfg, fmt, torch_dtype), tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, fmt, torch_dtype, bos, eos), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}, indent=2))
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch.distributed as dist
+
+from megatron_mobilellm.atomic import atomic_file
 
 
 def description_hash(description: dict) -> str:
@@ -25,20 +26,14 @@ def _paths(cache_dir: Path, key: str, names: list[str]) -> dict[str, Path]:
     return {n: cache_dir / f"{key}-{n}.npy" for n in names}
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
-
-
 def _build_and_save(cache_dir: Path, key: str, description: dict, build: Callable[[], dict[str, np.ndarray]],
                     paths: dict[str, Path]) -> dict[str, np.ndarray]:
     arrays = build()
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / f"{key}-description.json").write_text(json.dumps(description, indent=2, sort_keys=True))
     for name, arr in arrays.items():
-        _save_atomic(paths[name], arr)
+        with atomic_file(paths[name], "wb") as f:
+            np.save(f, arr, allow_pickle=False)
     return arrays
 
 

@@ -66,6 +66,8 @@ class IndexedDatasetWriter:
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._bin = open(self._tmp_bin, "wb")
         self._lengths: list[np.ndarray] = []
+        self._doc_starts: list[np.ndarray] = []  # sequence index where each document starts
+        self.num_sequences = 0
         self.num_tokens = 0
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
@@ -75,16 +77,32 @@ class IndexedDatasetWriter:
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
         self._bin.write(tokens.tobytes())
-        self._lengths.append(lengths)
+        self._record(lengths, np.arange(len(lengths), dtype=np.int64))
         self.num_tokens += tokens.size
 
     def add_document(self, tokens: np.ndarray) -> None:
         self.add_documents(tokens, np.array([len(tokens)]))
 
+    def append_dataset(self, ds: "IndexedDataset") -> None:
+        """Copy another dataset of the same dtype, keeping its sequences and document boundaries."""
+        if ds.dtype != self.dtype:
+            raise DatasetFormatError(f"{ds.prefix}: token dtype {ds.dtype}, but this dataset is {self.dtype}")
+        with open(bin_path(ds.prefix), "rb") as src:
+            while block := src.read(64 << 20):
+                self._bin.write(block)
+        self._record(ds.sequence_lengths.astype(np.int64), np.asarray(ds.document_indices[:-1], dtype=np.int64))
+        self.num_tokens += ds.num_tokens
+
+    def _record(self, lengths: np.ndarray, doc_starts: np.ndarray) -> None:
+        self._lengths.append(lengths)
+        self._doc_starts.append(doc_starts + self.num_sequences)
+        self.num_sequences += len(lengths)
+
     def finalize(self) -> None:
         self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int64)
-        write_index(self._tmp_idx, self.dtype, lengths, np.arange(len(lengths) + 1, dtype=np.int64))
+        doc_index = np.concatenate([*self._doc_starts, [self.num_sequences]]).astype(np.int64)
+        write_index(self._tmp_idx, self.dtype, lengths, doc_index)
         os.replace(self._tmp_bin, bin_path(self.prefix))
         os.replace(self._tmp_idx, idx_path(self.prefix))
 
@@ -177,26 +195,10 @@ def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path) -> int
     Returns the number of sequences written; output appears atomically as with the writer.
     """
     datasets = [IndexedDataset(p) for p in prefixes]
-    dtypes = {ds.dtype for ds in datasets}
-    if len(dtypes) != 1:
+    if len({ds.dtype for ds in datasets}) != 1:
         raise DatasetFormatError("cannot merge datasets of different token dtypes: "
                                  + ", ".join(f"{ds.prefix}={ds.dtype}" for ds in datasets))
-    dtype = dtypes.pop()
-    writer = IndexedDatasetWriter(output_prefix, dtype)
-    doc_indices, offset = [np.zeros(1, dtype=np.int64)], 0
-    try:
+    with IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer:
         for ds in datasets:
-            with open(bin_path(ds.prefix), "rb") as src:
-                while block := src.read(64 << 20):
-                    writer._bin.write(block)
-            doc_indices.append(ds.document_indices[1:] + offset)
-            offset += len(ds)
-        writer._bin.close()
-        lengths = np.concatenate([ds.sequence_lengths for ds in datasets]).astype(np.int64)
-        write_index(writer._tmp_idx, dtype, lengths, np.concatenate(doc_indices))
-        os.replace(writer._tmp_bin, bin_path(output_prefix))
-        os.replace(writer._tmp_idx, idx_path(output_prefix))
-    except BaseException:
-        writer.abort()
-        raise
-    return offset
+            writer.append_dataset(ds)
+    return writer.num_sequences

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_mobilellm.atomic import atomic_directory, atomic_file
 from megatron_mobilellm.config import ModelConfig
 from megatron_mobilellm.training.arguments import ConfigError
 
@@ -93,12 +94,8 @@ def _test_save_delay(iteration: int) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_manifest(tag_dir: Path, iteration: int, world_size: int, zero_stage: int) -> None:
@@ -201,17 +198,15 @@ def prepare_universal(load_dir: str, plan: ResumePlan) -> None:
     """Convert ``plan.tag`` with DeepSpeed's ds_to_universal (rank 0; the others wait)."""
     src, dst = Path(load_dir) / plan.tag, Path(load_dir) / plan.load_tag
     if dist.get_rank() == 0 and not (dst / "zero").is_dir():
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise ConfigError(f"--load {load_dir}: converting {plan.tag} (saved with {plan.manifest['world_size']} "
-                              f"ranks) for this run failed:\n{res.stderr[-2000:]}")
-        for f in src.glob("rng_state_rank*.pt"):
-            shutil.copy(f, tmp / f.name)
-        os.replace(tmp, dst)
+        with atomic_directory(dst) as tmp:
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+                   "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise ConfigError(f"--load {load_dir}: converting {plan.tag} (saved with "
+                                  f"{plan.manifest['world_size']} ranks) for this run failed:\n{res.stderr[-2000:]}")
+            for f in src.glob("rng_state_rank*.pt"):
+                shutil.copy(f, tmp / f.name)
     dist.barrier()
 
 
@@ -235,18 +230,9 @@ def write_imported_weights(output: str | Path, state: dict[str, torch.Tensor], c
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"--output {output} exists and is not empty")
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(output) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / IMPORTED_WEIGHTS))
         cfg.save(tmp / MODEL_CONFIG_FILE)
-        if output.exists():
-            output.rmdir()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def initial_weights(load_dir: str, cfg: ModelConfig, finetune: bool) -> dict[str, torch.Tensor] | None:
