@@ -82,5 +82,8 @@ def test_resume_is_bitwise_exact(corpus, tmp_path):
 
 
 def test_single_process_plain_python(corpus, tmp_path):
-    res = run_pretrain(tiny_args(corpus, tmp_path, iters=4, zero=0, **{"--eval-iters": 0}))
+    # Default-style data loading (worker processes) must give the same stream as in-process loading.
+    res = run_pretrain(tiny_args(corpus, tmp_path, iters=4, zero=0, **{"--eval-iters": 0, "--num-workers": 2}))
     assert "world size 1" in res.stdout and sorted(logged_losses(res.stdout)) == [1, 2, 3, 4]
+    inline = run_pretrain(tiny_args(corpus, tmp_path, iters=4, zero=0, **{"--eval-iters": 0}))
+    assert logged_losses(res.stdout) == logged_losses(inline.stdout)
