@@ -251,6 +251,9 @@ def pretrain(args: argparse.Namespace) -> TrainState:
         train(args, cfg, engine, scheduler, guard, datasets, state, writer, device, accum)
     finally:
         writer.close()
+    # An orderly teardown: leaving gloo/NCCL threads to the interpreter's exit can abort a rank after success.
+    dist.barrier()
+    dist.destroy_process_group()
     return state
 
 
