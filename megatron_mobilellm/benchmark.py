@@ -3,6 +3,11 @@
     python -m megatron_mobilellm.benchmark --presets 125M 350M --micro-batch-sizes 16 --compile \\
         --baseline eager compile --json bench.json
 
+Under ``deepspeed --num_gpus N --module megatron_mobilellm.benchmark`` every rank runs our step on its own
+micro-batch (global batch = micro-batch × N, gradients all-reduced by the ZeRO stage of the config) and the table
+gives tokens/s per GPU, so that the 1-GPU and N-GPU rows read as weak scaling; the transformers baseline runs only
+in a single-process benchmark.
+
 Each configuration times full training steps (forward, backward, optimizer step; ours through DeepSpeed with bf16
 and fp32 master weights, the baseline with bf16 autocast and fused AdamW) on random tokens, after warm-up steps,
 with a device synchronisation around every step, and reports the median. MFU uses the trainer's FLOP count
@@ -17,8 +22,10 @@ import gc
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_mobilellm.config import PRESETS, ModelConfig
 from megatron_mobilellm.model.hf_adapter import hf_config_dict
@@ -44,6 +51,7 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[floa
 
 
 def random_batch(cfg: ModelConfig, micro: int, seq: int, device: torch.device, seed: int = 0):
+    seed += dist.get_rank() if dist.is_initialized() else 0
     g = torch.Generator(device).manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (micro, seq + 1), device=device, generator=g)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -57,13 +65,14 @@ def ours(preset: str, micro: int, seq: int, device: torch.device, opts: argparse
     argv = ["--model-size", preset, "--data-path", "unused", "--seq-length", str(seq), "--micro-batch-size",
             str(micro), "--global-batch-size", str(micro), "--train-iters", "1000", "--lr-warmup-iters", "10",
             "--deepspeed_config", opts.deepspeed_config, "--attention-backend", opts.attention_backend,
-            "--optimizer", opts.optimizer]
+            "--optimizer", opts.optimizer, "--loss-chunk-size", str(opts.loss_chunk_size)]
     argv += ["--compile", opts.compile] if opts.compile else []
     argv += ["--recompute-activations"] if opts.recompute_activations else []
+    argv += ["--cuda-graphs"] if opts.cuda_graphs else []
     args = build_parser().parse_args(argv)
     validate_args(args)
     cfg = model_config(args)
-    ds_config = build_ds_config(args.deepspeed_config, micro, 1, 1, 1.0, device.type == "cuda")
+    ds_config = build_ds_config(args.deepspeed_config, micro, 1, dist.get_world_size(), 1.0, device.type == "cuda")
     engine, _, _ = build_engine(args, cfg, device, ds_config)
     tokens, labels = random_batch(cfg, micro, seq, device)
 
@@ -98,6 +107,16 @@ def transformers_baseline(preset: str, micro: int, seq: int, device: torch.devic
     return cfg, step, model
 
 
+def ours_label(opts: argparse.Namespace, world: int) -> str:
+    """E.g. ``ours decoder+graphs zero1 ×2``: what differs from the plain eager single-GPU run."""
+    parts = [Path(opts.deepspeed_config).stem]
+    if opts.compile:
+        parts.insert(0, opts.compile + ("+graphs" if opts.cuda_graphs else ""))
+    parts += [a for a, default in ((opts.attention_backend, "auto"), (opts.optimizer, "torch_adamw")) if a != default]
+    parts += [f"×{world}"] if world > 1 else []
+    return " ".join(["ours", *parts])
+
+
 def measure(name: str, preset: str, micro: int, seq: int, device: torch.device, build, opts) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -106,7 +125,7 @@ def measure(name: str, preset: str, micro: int, seq: int, device: torch.device, 
         cfg, step, keep = build()
         times = time_steps(step, device, opts.warmup, opts.steps)
         if opts.profile and name.startswith("ours"):
-            profile(step, device)
+            profile(step, device, opts.trace)
     except torch.OutOfMemoryError:
         return {"name": name, "preset": preset, "micro_batch": micro, "error": "out of memory"}
     median = statistics.median(times)
@@ -121,7 +140,7 @@ def measure(name: str, preset: str, micro: int, seq: int, device: torch.device, 
     return row
 
 
-def profile(step, device: torch.device) -> None:
+def profile(step, device: torch.device, trace: str | None) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -130,21 +149,27 @@ def profile(step, device: torch.device) -> None:
         for _ in range(3):
             step()
         sync(device)
+    if dist.get_rank() != 0:
+        return
+    if trace:
+        prof.export_chrome_trace(trace)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'config':<34}{'preset':>7}{'mb':>4}{'step ms':>10}{'tok/s':>11}{'TFLOP/s':>9}{'MFU':>7}"
+    if dist.get_rank() != 0:
+        return
+    print(f"\n{'config':<44}{'preset':>7}{'mb':>4}{'step ms':>10}{'tok/s':>11}{'TFLOP/s':>9}{'MFU':>7}"
           f"{'mem GiB':>9}{'vs base':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['name']:<34}{r['preset']:>7}{r['micro_batch']:>4}  {r['error']}")
+            print(f"{r['name']:<44}{r['preset']:>7}{r['micro_batch']:>4}  {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
         ratio = f"{r['vs_baseline']:.2f}x" if r.get("vs_baseline") else "-"
-        print(f"{r['name']:<34}{r['preset']:>7}{r['micro_batch']:>4}{r['step_ms']:>10.1f}{r['tokens_per_sec']:>11,.0f}"
+        print(f"{r['name']:<44}{r['preset']:>7}{r['micro_batch']:>4}{r['step_ms']:>10.1f}{r['tokens_per_sec']:>11,.0f}"
               f"{r['tflops']:>9.1f}{mfu:>7}{mem:>9}{ratio:>9}")
 
 
@@ -161,22 +186,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--compile", nargs="?", const="blocks", default=None, choices=["blocks", "decoder"],
                    help="ours: torch.compile each block (default) or the whole decoder")
     p.add_argument("--recompute-activations", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true", help="ours: with --compile, replay CUDA graphs")
+    p.add_argument("--loss-chunk-size", type=int, default=4096)
     p.add_argument("--baseline", nargs="*", default=["eager", "compile"], choices=["eager", "compile"],
                    help="transformers baselines to run in the same process (none: pass the flag alone)")
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 of our steps")
+    p.add_argument("--trace", default=None, help="with --profile: also write a Chrome trace here (.json or .json.gz)")
     opts = p.parse_args(argv)
 
     from megatron_mobilellm.pretrain import init_distributed
 
     device = init_distributed()
+    world = dist.get_world_size()
+    if world > 1 and opts.baseline:
+        opts.baseline = []  # the baseline is single-GPU; compare against a 1-process run of this benchmark
     rows = []
     for preset in opts.presets:
         for micro in opts.micro_batch_sizes:
             seq = min(opts.seq_length, PRESETS[preset].get("max_position_embeddings", 2048))
-            label = "ours" + (f" +compile {opts.compile}" if opts.compile else "") + \
-                f" ({opts.attention_backend}, {opts.optimizer}, {opts.deepspeed_config.split('/')[-1][:-5]})"
+            label = ours_label(opts, world)
             row = measure(label, preset, micro, seq, device, lambda: ours(preset, micro, seq, device, opts), opts)
             base_rows = [measure(f"transformers {kind}", preset, micro, seq, device,
                                  lambda kind=kind: transformers_baseline(preset, micro, seq, device,
@@ -188,10 +219,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += [row, *base_rows]
             print_table(rows[-1 - len(base_rows):])
     print_table(rows)
-    if opts.json:
+    if opts.json and dist.get_rank() == 0:
         with open(opts.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                       "torch": torch.__version__, "rows": rows}, f, indent=2)
+                       "torch": torch.__version__, "world_size": world, "rows": rows}, f, indent=2)
     return rows
 
 

@@ -38,6 +38,7 @@ from megatron_mobilellm.training.lr_scheduler import LRScheduler
 from megatron_mobilellm.training.metrics import (MetricsWriter, detect_peak_tflops, flops_per_token,
                                                  max_memory_gib, perplexity)
 from megatron_mobilellm.training.optimizer import build_optimizer
+from megatron_mobilellm.training.zero_overflow import fuse_overflow_check
 
 
 class TrainingStopped(RuntimeError):
@@ -136,8 +137,11 @@ def build_engine(args: argparse.Namespace, cfg: ModelConfig, device: torch.devic
     if weights is not None:
         model.load_state_dict(weights)
     model.set_activation_checkpointing(args.recompute_activations)
+    if args.cuda_graphs and (device.type != "cuda" or ds_config.get("zero_optimization", {}).get("stage", 0) == 3):
+        raise ConfigError("--cuda-graphs needs a CUDA device and ZeRO stage 0-2 (ZeRO-3 gathers parameters into "
+                          "new memory every step, which a recorded graph cannot follow)")
     if args.compile:
-        model.compile(args.compile)
+        model.compile(args.compile, cuda_graphs=args.cuda_graphs)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     optimizer = build_optimizer(model, args, device, offload)
     schedule = dict(lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
@@ -145,6 +149,7 @@ def build_engine(args: argparse.Namespace, cfg: ModelConfig, device: torch.devic
                     wsd_decay_iters=args.lr_wsd_decay_iters or max(1, args.train_iters // 5))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                    lr_scheduler=lambda opt: LRScheduler(opt, **schedule))
+    fuse_overflow_check(engine.optimizer)
     plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     guard = NonFiniteGradGuard(optimizer, scheduler) if plain_fp32 else None
     return engine, scheduler, guard

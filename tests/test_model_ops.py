@@ -138,7 +138,7 @@ def test_tied_embedding_gets_input_and_output_gradients():
     input_only = set(ids.flatten().tolist()) - set(labels.flatten().tolist())
     assert all(grad[i].abs().sum() > 0 for i in input_only)
     # The output path alone: every row gets softmax mass, so compare the full gradient to input + output parts.
-    h = model.decoder(model.embedding(ids)).detach().flatten(0, 1)
+    h = model.hidden_states(ids).detach().flatten(0, 1)
     out_grad = torch.autograd.grad(linear_cross_entropy(h, model.output_weight, labels.flatten()),
                                    model.output_weight)[0]
     assert not torch.allclose(grad, out_grad)

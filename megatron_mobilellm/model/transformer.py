@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_mobilellm.config import ModelConfig
-from megatron_mobilellm.model.attention import RotaryEmbedding, SelfAttention
+from megatron_mobilellm.model.attention import BACKENDS, RotaryEmbedding, SelfAttention, resolve_backend
 from megatron_mobilellm.model.loss import linear_cross_entropy
 from megatron_mobilellm.model.swiglu import swiglu
 
@@ -47,15 +47,16 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, attention_backend: str):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon)
-        self.self_attention = SelfAttention(config, rotary, attention_backend)
+        self.self_attention = SelfAttention(config)
         self.pre_mlp_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attention(self.input_layernorm(h))
+    def forward(self, h: torch.Tensor, rotary_pos_emb: tuple[torch.Tensor, torch.Tensor],
+                attention_backend: str) -> torch.Tensor:
+        h = h + self.self_attention(self.input_layernorm(h), rotary_pos_emb, attention_backend)
         return h + self.mlp(self.pre_mlp_layernorm(h))
 
 
@@ -69,22 +70,21 @@ class Embedding(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    def __init__(self, config: ModelConfig, attention_backend: str):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        rotary = RotaryEmbedding(config.kv_channels, config.rotary_base)
-        self.layers = nn.ModuleList(TransformerLayer(config, rotary, attention_backend)
-                                    for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon)
         self.repeat = config.layer_repeat if config.layer_sharing else 1
         self.activation_checkpointing = False
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rotary_pos_emb: tuple[torch.Tensor, torch.Tensor],
+                attention_backend: str) -> torch.Tensor:
         for layer in self.layers:
             for _ in range(self.repeat):
                 if self.activation_checkpointing and torch.is_grad_enabled():
-                    h = checkpoint(layer, h, use_reentrant=False)
+                    h = checkpoint(layer, h, rotary_pos_emb, attention_backend, use_reentrant=False)
                 else:
-                    h = layer(h)
+                    h = layer(h, rotary_pos_emb, attention_backend)
         return self.final_layernorm(h)
 
 
@@ -93,10 +93,14 @@ class MobileLLM(nn.Module):
 
     def __init__(self, config: ModelConfig, attention_backend: str = "auto", loss_chunk_size: int = 4096):
         super().__init__()
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {attention_backend!r}; choose one of {BACKENDS}")
         self.config = config
+        self.attention_backend = attention_backend
         self.loss_chunk_size = loss_chunk_size
         self.embedding = Embedding(config)
-        self.decoder = TransformerDecoder(config, attention_backend)
+        self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, config.rotary_base)
+        self.decoder = TransformerDecoder(config)
         self.output_layer = (None if config.tie_embeddings
                              else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
 
@@ -109,16 +113,19 @@ class MobileLLM(nn.Module):
             else:
                 p.normal_(0.0, self.config.init_method_std, generator=generator)
 
-    def compile(self, scope: str = "blocks") -> None:
+    def compile(self, scope: str = "blocks", cuda_graphs: bool = False) -> None:
         """torch.compile: fuses norms, RoPE, SwiGLU and residual adds around the matmuls. ``blocks`` compiles each
         block (compile time flat in depth; works with ZeRO-3's parameter hooks); ``decoder`` compiles the whole
         stack as one graph, which removes per-block launch overhead (thin models are CPU-bound) but compiles
-        longer. The loss stays outside: it is already chunked and fused."""
+        longer. ``cuda_graphs`` also records the compiled forward and backward as CUDA graphs (inductor's
+        "reduce-overhead"), replacing thousands of kernel launches per step by one replay. The loss stays
+        outside: it is already chunked and fused."""
+        options = {"mode": "reduce-overhead"} if cuda_graphs else {}
         if scope == "decoder":
-            self.decoder.compile()
+            self.decoder.compile(**options)
         elif scope == "blocks":
             for layer in self.decoder.layers:
-                layer.compile()
+                layer.compile(**options)
         else:
             raise ValueError(f"unknown compile scope {scope!r}")
 
@@ -130,9 +137,16 @@ class MobileLLM(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
 
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final-norm hidden states (b, s, d) of input_ids (b, s)."""
+        h = self.embedding(input_ids)
+        # Decided here, outside any compiled region, so a compiled decoder sees plain inputs and constants.
+        rotary_pos_emb = self.rotary_pos_emb(input_ids.shape[1], h.device, h.dtype)
+        return self.decoder(h, rotary_pos_emb, resolve_backend(self.attention_backend, h.device))
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, labels: (b, s). Labels are already shifted (label[t] is the token after input[t])."""
-        h = self.decoder(self.embedding(input_ids))  # (b, s, d)
+        h = self.hidden_states(input_ids)
         weight = self.output_weight
         if labels is None:
             return h @ weight.t().to(h.dtype)  # (b, s, vocab)

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                    action="store_true", help="checkpoint every block (recompute its activations in backward)")
     g.add_argument("--compile", nargs="?", const="blocks", default=None, choices=["blocks", "decoder"],
                    help="torch.compile each block (default) or the whole decoder as one graph")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="with --compile on a GPU: replay the compiled forward/backward as CUDA graphs (not ZeRO-3)")
     g.add_argument("--loss-chunk-size", type=int, default=4096, help="tokens per chunk of the output/loss")
 
     g = p.add_argument_group("data")
@@ -131,6 +133,7 @@ def validate_args(args: argparse.Namespace) -> None:
     check(args.keep_last is None or args.keep_last >= 1, "--keep-last must be >= 1")
     check(args.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
     check(args.loss_spike_factor is None or args.loss_spike_factor > 1, "--loss-spike-factor must be > 1")
+    check(not args.cuda_graphs or args.compile is not None, "--cuda-graphs needs --compile (blocks or decoder)")
     check(args.deepspeed_config is not None, "--deepspeed_config is required (see ds_configs/)")
     try:
         cfg = model_config(args)
