@@ -58,7 +58,7 @@ def random_batch(cfg: ModelConfig, micro: int, seq: int, device: torch.device, s
 
 
 def ours(preset: str, micro: int, seq: int, device: torch.device, opts: argparse.Namespace) -> tuple:
-    from megatron_mobilellm.pretrain import build_engine
+    from megatron_mobilellm.pretrain import build_engine, check_cuda_graphs
     from megatron_mobilellm.training.arguments import build_parser, model_config, validate_args
     from megatron_mobilellm.training.ds_config import build_ds_config
 
@@ -73,6 +73,7 @@ def ours(preset: str, micro: int, seq: int, device: torch.device, opts: argparse
     validate_args(args)
     cfg = model_config(args)
     ds_config = build_ds_config(args.deepspeed_config, micro, 1, dist.get_world_size(), 1.0, device.type == "cuda")
+    check_cuda_graphs(args, ds_config)
     engine, _, _ = build_engine(args, cfg, device, ds_config)
     tokens, labels = random_batch(cfg, micro, seq, device)
 

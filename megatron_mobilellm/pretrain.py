@@ -137,9 +137,6 @@ def build_engine(args: argparse.Namespace, cfg: ModelConfig, device: torch.devic
     if weights is not None:
         model.load_state_dict(weights)
     model.set_activation_checkpointing(args.recompute_activations)
-    if args.cuda_graphs and (device.type != "cuda" or ds_config.get("zero_optimization", {}).get("stage", 0) == 3):
-        raise ConfigError("--cuda-graphs needs a CUDA device and ZeRO stage 0-2 (ZeRO-3 gathers parameters into "
-                          "new memory every step, which a recorded graph cannot follow)")
     if args.compile:
         model.compile(args.compile, cuda_graphs=args.cuda_graphs)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
@@ -213,6 +210,14 @@ def check_data(args: argparse.Namespace) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_cuda_graphs(args: argparse.Namespace, ds_config: dict) -> None:
+    if args.cuda_graphs and not torch.cuda.is_available():
+        raise ConfigError("--cuda-graphs needs a CUDA device")
+    if args.cuda_graphs and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError(f"--cuda-graphs does not work with ZeRO-3 (--deepspeed_config {args.deepspeed_config}): "
+                          "ZeRO-3 gathers parameters into new memory every step, which a recorded graph cannot follow")
+
+
 def rank0_print(text: str) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(text, flush=True)
@@ -224,6 +229,7 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     accum = data_parallel_checks(args, world)
     bf16 = args.bf16 or (not args.fp32 and torch.cuda.is_available())
     ds_config = build_ds_config(args.deepspeed_config, args.micro_batch_size, accum, world, args.clip_grad, bf16)
+    check_cuda_graphs(args, ds_config)
     cfg = model_config(args)
     plan = plan_resume(args.load, world, rank0_print) if args.load and not args.finetune else None
     if plan and plan.universal:

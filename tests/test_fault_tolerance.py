@@ -122,10 +122,10 @@ def test_exit_duration_saves_and_exits(corpus, tmp_path):
     assert "after --exit-duration-in-mins 0.05" in res.stdout and (tmp_path / "ckpt" / "latest").exists()
 
 
-@pytest.mark.parametrize("zero", [0, 1, 3])
-def test_nan_loss_is_skipped_and_counted(corpus, tmp_path, zero):
+@pytest.mark.parametrize("zero,bf16", [(0, False), (1, False), (3, False), (2, True)])  # bf16: the fused check
+def test_nan_loss_is_skipped_and_counted(corpus, tmp_path, zero, bf16):
     res = run_pretrain(tiny_args(corpus, tmp_path, iters=8, zero=zero,
-                                 **{"--inject-nan-loss-at": "5", "--eval-iters": 0,
+                                 **{"--inject-nan-loss-at": "5", "--eval-iters": 0, "--bf16": "" if bf16 else None,
                                     "--tensorboard-dir": tmp_path / "tb"}), nproc=1)
     assert "skipped the update of iteration 5" in res.stdout and "1 skipped updates" in res.stdout
     scalars = read_scalars(tmp_path / "tb")

@@ -39,6 +39,17 @@ def test_seq_length_above_max_positions(corpus, tmp_path, capsys, monkeypatch):
     assert "--seq-length 4096 exceeds the model's max positions (256)" in err
 
 
+def test_cuda_graphs_needs_compile_and_a_gpu(corpus, tmp_path, capsys, monkeypatch):
+    err = fails(tiny_args(corpus, tmp_path, **{"--cuda-graphs": ""}), capsys, monkeypatch)
+    assert "--cuda-graphs needs --compile" in err
+    err = fails(tiny_args(corpus, tmp_path, **{"--cuda-graphs": "", "--compile": "decoder"}), capsys, monkeypatch)
+    assert "--cuda-graphs needs a CUDA device" in err
+    monkeypatch.setattr(pretrain.torch.cuda, "is_available", lambda: True)
+    err = fails(tiny_args(corpus, tmp_path, zero=3, **{"--cuda-graphs": "", "--compile": "decoder"}), capsys,
+                monkeypatch)
+    assert "--cuda-graphs does not work with ZeRO-3" in err
+
+
 def test_missing_data_prefix(tmp_path, capsys, monkeypatch):
     err = fails(tiny_args(tmp_path / "nope", tmp_path), capsys, monkeypatch)
     assert f"{tmp_path / 'nope'}.idx: no such file" in err
