@@ -180,16 +180,18 @@ def test_data_faults_fail_before_training(tmp_path, kind, message):
     assert "iteration" not in res.stdout
 
 
-@pytest.mark.parametrize("zero", [1, 2])
-def test_resume_on_fewer_ranks_continues_the_run(corpus, tmp_path, zero):
-    kw = {"--train-iters": 20, "--save-interval": 10, "--tensorboard-dir": tmp_path / "tb_ref"}
+@pytest.mark.parametrize("zero,ranks,fewer", [(1, 2, 1), (2, 2, 1), (2, 8, 2)])  # 8 → 2: a node's save, resumed
+def test_resume_on_fewer_ranks_continues_the_run(corpus, tmp_path, zero, ranks, fewer):
+    kw = {"--train-iters": 20, "--save-interval": 10, "--global-batch-size": 16,
+          "--tensorboard-dir": tmp_path / "tb_ref"}
     args = lambda save, **more: tiny_args(corpus, tmp_path, iters=20, zero=zero,  # noqa: E731
                                           **{"--save": save, "--load": save, "--eval-iters": 0, **kw, **more})
-    run_pretrain(args(tmp_path / "ref"), nproc=2)
-    run_pretrain(args(tmp_path / "ckpt", **{"--exit-interval": 10}), nproc=2)
-    res = run_pretrain(args(tmp_path / "ckpt", **{"--tensorboard-dir": tmp_path / "tb_1rank"}), nproc=1)
-    assert "saved by 2 ranks; loading it through DeepSpeed's universal checkpoint format for 1" in res.stdout
-    assert "at iteration 10" in res.stdout and "done: 20 iterations, 160 samples" in res.stdout
-    a, b = read_scalars(tmp_path / "tb_ref")["train/loss"], read_scalars(tmp_path / "tb_1rank")["train/loss"]
+    run_pretrain(args(tmp_path / "ref"), nproc=ranks)
+    run_pretrain(args(tmp_path / "ckpt", **{"--exit-interval": 10}), nproc=ranks)
+    res = run_pretrain(args(tmp_path / "ckpt", **{"--tensorboard-dir": tmp_path / "tb_fewer"}), nproc=fewer)
+    assert (f"saved by {ranks} ranks; loading it through DeepSpeed's universal checkpoint format for {fewer}"
+            in res.stdout)
+    assert "at iteration 10" in res.stdout and "done: 20 iterations, 320 samples" in res.stdout
+    a, b = read_scalars(tmp_path / "tb_ref")["train/loss"], read_scalars(tmp_path / "tb_fewer")["train/loss"]
     for i in range(11, 21):  # same data, same optimizer state; only the reduction order differs
         assert b[i] == pytest.approx(a[i], rel=1e-4), i
