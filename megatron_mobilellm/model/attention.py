@@ -27,10 +27,14 @@ except ImportError:
 BACKENDS = ("auto", "flash_attn", "cudnn", "sdpa", "eager")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``auto`` to the fastest kernel usable on ``device``; reject unusable explicit choices."""
+def check_backend_name(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``auto`` to the fastest kernel usable on ``device``; reject unusable explicit choices."""
+    check_backend_name(backend)
     if backend == "flash_attn" and not FLASH_ATTN_AVAILABLE:
         raise RuntimeError("--attention-backend flash_attn requested but the flash_attn package does not import")
     if backend == "cudnn" and device.type != "cuda":

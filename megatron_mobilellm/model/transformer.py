@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_mobilellm.config import ModelConfig
-from megatron_mobilellm.model.attention import BACKENDS, RotaryEmbedding, SelfAttention, resolve_backend
+from megatron_mobilellm.model.attention import RotaryEmbedding, SelfAttention, check_backend_name, resolve_backend
 from megatron_mobilellm.model.loss import linear_cross_entropy
 from megatron_mobilellm.model.swiglu import swiglu
 
@@ -93,8 +93,7 @@ class MobileLLM(nn.Module):
 
     def __init__(self, config: ModelConfig, attention_backend: str = "auto", loss_chunk_size: int = 4096):
         super().__init__()
-        if attention_backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {attention_backend!r}; choose one of {BACKENDS}")
+        check_backend_name(attention_backend)  # now, not at the first forward
         self.config = config
         self.attention_backend = attention_backend
         self.loss_chunk_size = loss_chunk_size
