@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, env
 from megatron_mobilellm.training.arguments import parse_args
 
 
@@ -60,3 +60,17 @@ def test_slurm_script_writes_hostfile_from_allocation(tmp_path):
     assert cmd[1:5] == ["--hostfile", "hostfile.42", "--master_addr", "gpu-a"]
     args = parse_args(trainer_args(cmd))
     assert args.global_batch_size == 3 * 8 * 32 and args.lr == pytest.approx(1.5e-3)
+
+
+def test_node_benchmark_script_scales_and_resumes_on_cpu(tmp_path):
+    """The one-call node measurement (examples/node_benchmark.sh) in miniature: 2 CPU ranks stand in for a node."""
+    small = {"GPUS": "2", "FEWER": "1", "OUT": str(tmp_path), "STAGES": "scaling resume", "PRESETS": "tiny",
+             "MICRO_BATCH": "2", "SEQ": "64", "ZEROS": "2", "STEPS": "2", "WARMUP": "1", "FAST": "",
+             "RESUME_PRESET": "tiny", "RESUME_ITERS": "10", "VOCAB": "512"}
+    res = subprocess.run(["bash", str(ROOT / "examples" / "node_benchmark.sh")], env={**env(), **small},
+                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| ours zero2")]
+    assert len(rows) == 1 and rows[0].split("|")[4].strip() == "2" and rows[0].split("|")[7].strip().endswith("%")
+    compare = (tmp_path / "resume" / "compare.txt").read_text()
+    assert "5 common iterations" in compare and float(compare.split("max |Δ| ")[1].split()[0]) < 1e-3
