@@ -9,7 +9,7 @@
 # Environment: GPUS (8), FEWER (2), OUT, STAGES ("scaling large resume"), PRESETS ("125M 350M"), MICRO_BATCH (32),
 # LARGE_PRESETS ("1B 1.5B"), LARGE_MICRO_BATCH (8), ZEROS ("1 2 3"), SEQ (2048), STEPS (10), WARMUP (4),
 # RESUME_PRESET (125M), RESUME_ITERS (60), VOCAB (32000), FAST ("on": whole-decoder compile and CUDA graphs;
-# ZeRO-3 compiles block by block without graphs; empty: eager, e.g. on CPU with DS_ACCELERATOR=cpu).
+# ZeRO-3 compiles block by block without graphs, the resume runs without graphs; empty: eager, e.g. on CPU).
 set -euo pipefail
 GPUS=${GPUS:-8}
 FEWER=${FEWER:-2}
@@ -26,9 +26,9 @@ RESUME_ITERS=${RESUME_ITERS:-60}
 FAST=${FAST-on}
 mkdir -p "$OUT"
 
-speed_flags() {  # the fastest options each ZeRO stage allows
+speed_flags() {  # speed_flags ZERO [graphs]: the fastest options each ZeRO stage allows
   if [ -z "$FAST" ]; then return; fi
-  if [ "$1" = 3 ]; then echo --compile blocks; else echo --compile decoder --cuda-graphs; fi
+  if [ "$1" = 3 ]; then echo --compile blocks; else echo --compile decoder ${2:+--cuda-graphs}; fi
 }
 
 bench() {  # bench NPROC ZERO JSON PRESETS... (micro-batch from $MB)
@@ -39,9 +39,9 @@ bench() {  # bench NPROC ZERO JSON PRESETS... (micro-batch from $MB)
   # shellcheck disable=SC2046
   if [ "$nproc" = 1 ]; then
     CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python -m megatron_mobilellm.benchmark "${args[@]}" \
-      $(speed_flags "$zero")
+      $(speed_flags "$zero" graphs)
   else
-    deepspeed --num_gpus "$nproc" --module megatron_mobilellm.benchmark "${args[@]}" $(speed_flags "$zero")
+    deepspeed --num_gpus "$nproc" --module megatron_mobilellm.benchmark "${args[@]}" $(speed_flags "$zero" graphs)
   fi
 }
 
@@ -71,6 +71,7 @@ case " $STAGES " in *" resume "*)
   python tools/synthetic_data.py --output-prefix "$data" --tokens "$tokens" --vocab-size "${VOCAB:-32000}" \
     --kind progressions
   half=$(( RESUME_ITERS / 2 ))
+  # No CUDA graphs here: on fewer ranks the same global batch needs gradient accumulation, which they refuse.
   # shellcheck disable=SC2046
   train=(--model-size "$RESUME_PRESET" --vocab-size "${VOCAB:-32000}" --data-path "$data" --seq-length "$SEQ"
          --micro-batch-size "$MICRO_BATCH" --global-batch-size $(( MICRO_BATCH * GPUS ))

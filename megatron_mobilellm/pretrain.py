@@ -211,11 +211,20 @@ def check_data(args: argparse.Namespace) -> None:
 
 
 def check_cuda_graphs(args: argparse.Namespace, ds_config: dict) -> None:
-    if args.cuda_graphs and not torch.cuda.is_available():
+    """Refuse the combinations CUDA graphs cannot run (or ran wrongly) with, before any work starts."""
+    if not args.cuda_graphs:
+        return
+    if not torch.cuda.is_available():
         raise ConfigError("--cuda-graphs needs a CUDA device")
-    if args.cuda_graphs and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         raise ConfigError(f"--cuda-graphs does not work with ZeRO-3 (--deepspeed_config {args.deepspeed_config}): "
                           "ZeRO-3 gathers parameters into new memory every step, which a recorded graph cannot follow")
+    if ds_config["gradient_accumulation_steps"] > 1:
+        # Measured on an H200: the second micro-batch's replay overwrites the first one's gradients, which
+        # autograd kept as .grad (pytorch/pytorch#169545).
+        raise ConfigError(f"--cuda-graphs needs one micro-batch per step, but --global-batch-size "
+                          f"{args.global_batch_size} means {ds_config['gradient_accumulation_steps']} micro-batches "
+                          "of gradient accumulation per rank; drop --cuda-graphs or raise --micro-batch-size")
 
 
 def rank0_print(text: str) -> None:

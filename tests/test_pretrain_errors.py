@@ -48,6 +48,8 @@ def test_cuda_graphs_needs_compile_and_a_gpu(corpus, tmp_path, capsys, monkeypat
     err = fails(tiny_args(corpus, tmp_path, zero=3, **{"--cuda-graphs": "", "--compile": "decoder"}), capsys,
                 monkeypatch)
     assert "--cuda-graphs does not work with ZeRO-3" in err
+    err = fails(tiny_args(corpus, tmp_path, **{"--cuda-graphs": "", "--compile": "decoder"}), capsys, monkeypatch)
+    assert "--cuda-graphs needs one micro-batch per step, but --global-batch-size 8 means 4 micro-batches" in err
 
 
 def test_missing_data_prefix(tmp_path, capsys, monkeypatch):
