@@ -204,11 +204,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     world = dist.get_world_size()
     if world > 1 and opts.baseline:
         opts.baseline = []  # the baseline is single-GPU; compare against a 1-process run of this benchmark
+    label = ours_label(opts, world)
     rows = []
     for preset in opts.presets:
         for micro in opts.micro_batch_sizes:
             seq = min(opts.seq_length, PRESETS[preset].get("max_position_embeddings", 2048))
-            label = ours_label(opts, world)
             row = measure(label, preset, micro, seq, device, lambda: ours(preset, micro, seq, device, opts), opts)
             base_rows = [measure(f"transformers {kind}", preset, micro, seq, device,
                                  lambda kind=kind: transformers_baseline(preset, micro, seq, device,

@@ -71,15 +71,12 @@ class RotaryEmbedding(nn.Module):
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (seq_len, device, dtype)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, *self._tables(seq_len, device, dtype))
+            exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+            inv_freq = 1.0 / (self.base ** exponents)
+            freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (s, dim)
+            self._cache = (key, emb.cos().to(dtype), emb.sin().to(dtype))
         return self._cache[1], self._cache[2]
-
-    def _tables(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
-        inv_freq = 1.0 / (self.base ** exponents)
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (s, dim)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 
 
-def fuse_overflow_check(optimizer) -> bool:
-    """Replace ``optimizer``'s per-tensor overflow check by a fused one; False where it does not apply (other
-    ZeRO stages, fp32, or a DeepSpeed without this method), which leaves DeepSpeed's own check in place."""
+def fuse_overflow_check(optimizer) -> None:
+    """Replace ``optimizer``'s per-tensor overflow check by a fused one where it applies; other ZeRO stages, fp32,
+    or a DeepSpeed without this method keep DeepSpeed's own check."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if not (isinstance(optimizer, DeepSpeedZeroOptimizer) and getattr(optimizer, "check_grad_overflow", False)
             and hasattr(optimizer, "has_overflow_partitioned_grads_serial")):
-        return False
+        return
 
     def has_overflow_partitioned_grads_serial() -> torch.Tensor:
         grads = [g for i in range(len(optimizer.bit16_groups)) for g in optimizer.averaged_gradients[i]
@@ -29,4 +29,3 @@ def fuse_overflow_check(optimizer) -> bool:
         return torch.isfinite(total).logical_not().reshape(1)  # DeepSpeed's shape: a 1-element bool tensor
 
     optimizer.has_overflow_partitioned_grads_serial = has_overflow_partitioned_grads_serial
-    return True
