@@ -25,8 +25,7 @@ import torch.distributed as dist
 
 from megatron_mobilellm.config import ModelConfig
 from megatron_mobilellm.convert.ds_checkpoint import CheckpointError
-from megatron_mobilellm.data.builder import build_datasets, build_loader, open_datasets, parse_data_path
-from megatron_mobilellm.data.gpt_dataset import parse_split
+from megatron_mobilellm.data.builder import build_datasets, build_loader, check_data_args
 from megatron_mobilellm.data.indexed_dataset import DatasetFormatError
 from megatron_mobilellm.model import MobileLLM
 from megatron_mobilellm.training.arguments import ConfigError, data_parallel_checks, model_config, parse_args
@@ -199,11 +198,15 @@ def run_validation(engine, dataset, args, state: TrainState, writer: MetricsWrit
     writer.scalars(state.iteration, {"valid/loss": loss, "valid/ppl": perplexity(loss)})
 
 
+def requested_samples(args: argparse.Namespace) -> dict[str, int]:
+    return {"train": args.train_iters * args.global_batch_size, "valid": args.eval_iters * args.global_batch_size}
+
+
 def check_data(args: argparse.Namespace) -> None:
     """Fail on a bad --data-path/--split before starting any process group or building a model."""
     try:
-        parse_split(args.split)
-        open_datasets(parse_data_path(args.data_path)[1])
+        for warning in check_data_args(args.data_path, args.split, args.seq_length, requested_samples(args)):
+            rank0_print(f"warning: {warning}")
     except DatasetFormatError:
         raise
     except ValueError as e:
@@ -245,9 +248,7 @@ def pretrain(args: argparse.Namespace) -> TrainState:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     device = init_distributed()
     rank = dist.get_rank()
-    num_samples = {"train": args.train_iters * args.global_batch_size,
-                   "valid": args.eval_iters * args.global_batch_size}
-    datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, num_samples,
+    datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, requested_samples(args),
                               args.data_cache_path)
     weights = initial_weights(args.load, cfg, args.finetune) if args.load and not plan else None
     engine, scheduler, guard = build_engine(args, cfg, device, ds_config, weights)
