@@ -8,8 +8,8 @@ boundaries. ``tokens = sample[:-1]``, ``labels = sample[1:]``. Every sample of t
 Shuffling follows megatron-core 0.16 exactly, so sample ``i`` here is sample ``i`` there for the same data, split,
 sequence length and seed: one ``numpy.random.RandomState(seed)`` (MT19937) per split shuffles the documents of all
 full epochs together; a last epoch of which less than 80 % of the samples are used is shuffled on its own
-(``separate_final_epoch``), and its samples are shuffled apart from the others, so the used part of the stream
-draws evenly from the last epoch's documents. Split boundaries are ``round(cumulative fraction × N)`` documents.
+(``separate_final_epoch``), documents and samples, so the requested samples hold every full epoch exactly once
+and a random part of the last. Split boundaries are ``round(cumulative fraction × N)`` documents.
 
 Three arrays describe this, as in Megatron: ``document_index`` (the shuffled document order), ``sample_index``
 (``[num_samples + 1, 2]``: document position and offset where each sample starts; sample ``i`` ends where
