@@ -10,7 +10,7 @@ import torch
 
 from helpers import make_corpus, tiny_args
 from megatron_mobilellm import pretrain
-from megatron_mobilellm.data.blended_dataset import blend_assignment, blend_assignment_reference, megatron_helpers
+from megatron_mobilellm.data.blended_dataset import blend_assignment, blend_assignment_numpy, megatron_helpers
 from megatron_mobilellm.data.builder import build_datasets, check_data_args, parse_data_path
 from megatron_mobilellm.data.gpt_dataset import GPTDataset, normalize, num_epochs_needed, parse_split, split_ranges
 from megatron_mobilellm.data.indexed_dataset import DatasetFormatError, IndexedDataset, IndexedDatasetWriter
@@ -230,13 +230,34 @@ def test_every_sample_equals_megatron_core(parity_data, megatron_core, tmp_path,
         assert torch.equal(mine[len(mine) - 1]["tokens"], theirs[len(mine) - 1]["tokens"])
 
 
-def test_blend_helper_equals_reference_loop():
+def blend_reference(weights: list[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """megatron-core's blending rule as the plain loop it is."""
+    counts = [0] * len(weights)
+    dataset_index, sample_index = np.empty(size, dtype=np.int16), np.empty(size, dtype=np.int64)
+    for i in range(size):
+        errors = [w * max(i, 1) - c for w, c in zip(weights, counts)]
+        d = errors.index(max(errors))
+        dataset_index[i], sample_index[i] = d, counts[d]
+        counts[d] += 1
+    return dataset_index, sample_index
+
+
+@pytest.mark.parametrize("k,size", [(2, 20000), (3, 1025), (10, 30000), (4, 0), (5, 1)])
+def test_blend_numpy_equals_megatron_helper_and_reference_loop(k, size):
+    rng = np.random.default_rng(k)
+    for weights in (normalize(rng.random(k).tolist()), normalize([1.0] * k)):
+        expected = blend_reference(weights, size)
+        for got in (blend_assignment_numpy(weights, size), blend_assignment_numpy(weights, size, block=64)):
+            assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+        if megatron_helpers() is not None:
+            got = blend_assignment(weights, size)
+            assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
     needs(megatron_helpers() is not None, "megatron-core's compiled helpers are not installed")
-    rng = np.random.default_rng(0)
-    for k in (2, 3, 10):
-        weights = normalize(rng.random(k).tolist())
-        fast, slow = blend_assignment(weights, 30000), blend_assignment_reference(weights, 30000)
-        assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
+    if k == 10:  # longer streams against the compiled helper alone
+        for _ in range(3):
+            weights = normalize(rng.random(int(rng.integers(2, 12))).tolist())
+            got, expected = blend_assignment_numpy(weights, 300_000), blend_assignment(weights, 300_000)
+            assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
 
 
 def test_index_cache_is_not_reused_after_a_rewrite_in_place(tmp_path):
