@@ -110,7 +110,9 @@ def blend_assignment_numpy(weights: list[float], size: int, block: int = 1024) -
 
 
 def blend_assignment(weights: list[float], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset of each sample, index of that sample within its dataset) for normalised ``weights``."""
+    """(dataset of each sample, index of that sample within its dataset); ``weights`` are normalised here, as
+    megatron-core's BlendedDataset normalises what it is given (the choices depend on the exact floats)."""
+    weights = normalize(weights)
     helpers = megatron_helpers()
     if helpers is None:
         return blend_assignment_numpy(weights, size)
@@ -128,7 +130,6 @@ class BlendedDataset(torch.utils.data.Dataset):
                  description: dict, cache_dir: str | Path):
         if len(datasets) >= 2**15:
             raise ValueError(f"a blend of {len(datasets)} datasets; at most {2**15 - 1} are supported")
-        weights = normalize(weights)
         arrays = cached_arrays(cache_dir, {**description, "weights": weights, "size": size, "kind": "blend"},
                                ["dataset_index", "dataset_sample_index"],
                                lambda: dict(zip(("dataset_index", "dataset_sample_index"),
