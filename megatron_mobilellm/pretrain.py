@@ -199,7 +199,11 @@ def run_validation(engine, dataset, args, state: TrainState, writer: MetricsWrit
 
 
 def requested_samples(args: argparse.Namespace) -> dict[str, int]:
-    return {"train": args.train_iters * args.global_batch_size, "valid": args.eval_iters * args.global_batch_size}
+    """Megatron-LM's requests, so the valid set is Megatron-LM's (it walks on by --eval-iters batches per
+    validation; each validation here uses the first --eval-iters batches, the ones of Megatron-LM's first)."""
+    validations = args.train_iters // args.eval_interval + 1
+    return {"train": args.train_iters * args.global_batch_size,
+            "valid": validations * args.eval_iters * args.global_batch_size}
 
 
 def check_data(args: argparse.Namespace) -> None:
@@ -250,6 +254,9 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     rank = dist.get_rank()
     datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, requested_samples(args),
                               args.data_cache_path)
+    if datasets["valid"] is not None and len(datasets["valid"]) < args.eval_iters * args.global_batch_size:
+        raise ConfigError(f"--eval-iters {args.eval_iters} needs {args.eval_iters * args.global_batch_size} "
+                          f"validation samples; the valid split has {len(datasets['valid'])} (--data-path, --split)")
     weights = initial_weights(args.load, cfg, args.finetune) if args.load and not plan else None
     engine, scheduler, guard = build_engine(args, cfg, device, ds_config, weights)
     writer = MetricsWriter(rank, args.tensorboard_dir)

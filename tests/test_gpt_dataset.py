@@ -2,13 +2,14 @@
 
 import importlib.util
 import os
+import re
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import make_corpus, tiny_args
+from helpers import make_corpus, run_pretrain, tiny_args
 from megatron_mobilellm import pretrain
 from megatron_mobilellm.data.blended_dataset import blend_assignment, blend_assignment_numpy, megatron_helpers
 from megatron_mobilellm.data.builder import build_datasets, check_data_args, parse_data_path
@@ -317,3 +318,12 @@ def test_pretrain_reports_empty_splits(tmp_path, capsys):
                                                "training needs documents")
     pretrain.check_data(parse_args(tiny_args(corpus, tmp_path, **{"--split": "100,0,0"})))
     assert "warning: --split 100,0,0 gives the valid split weight 0" in capsys.readouterr().out
+
+
+def test_pretrain_refuses_a_valid_set_shorter_than_one_validation(tmp_path):
+    a, b = make_corpus(tmp_path / "a", num_docs=40, seed=1), make_corpus(tmp_path / "b", num_docs=40, seed=2)
+    res = run_pretrain(tiny_args(a, tmp_path, iters=2, **{"--data-path": f"{a} {b}", "--split": "50,50,0",
+                                                          "--eval-iters": 50}), check=False)
+    assert res.returncode == 1 and "iteration" not in res.stdout
+    assert re.fullmatch(r"error: --eval-iters 50 needs 400 validation samples; the valid split has \d+ "
+                        r"\(--data-path, --split\)", res.stderr.strip().splitlines()[-1])

@@ -109,7 +109,7 @@ def plan_splits(indexed: list[IndexedDataset], weights: list[float] | None, spli
             warnings.append(f"--split {split} leaves the {name} split of {', '.join(empty)} without tokens; "
                             f"that dataset is left out of the {name} blend")
         plan = SplitPlan(name, n, members, ranges, None if weights is None else [weights[d] for d in members])
-        if plan.weights is None and len(members) > 1:
+        if plan.weights is None and len(members) > 1 and name == "train":  # other splits stop short, as in Megatron
             epoch = sum(samples_in(int(indexed[d].sequence_lengths[a:b].sum(dtype=np.int64)), seq_length)
                         for d, (a, b) in zip(members, ranges))
             if epoch < n:
