@@ -24,16 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_mobilellm.errors import DatasetFormatError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES: dict[int, type] = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
                                 7: np.float32, 8: np.uint16}
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 _HEADER = struct.Struct("<9sQBQQ")
-
-
-class DatasetFormatError(ValueError):
-    """A ``.bin``/``.idx`` pair that is missing or does not follow the format; the message names the file."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
