@@ -91,7 +91,8 @@ def test_reader_rejects_bad_files(tmp_path):
 def test_pointers_are_int64_beyond_2gib(tmp_path):
     from megatron_mobilellm.data.indexed_dataset import write_index
     lengths = np.full(3, 2**30, dtype=np.int64)  # 1 Gi tokens each, 2 GiB each as uint16
-    write_index(tmp_path / "big.idx", np.dtype(np.uint16), lengths, np.arange(4))
+    with open(tmp_path / "big.idx", "wb") as f:
+        write_index(f, np.dtype(np.uint16), lengths, np.arange(4))
     raw = (tmp_path / "big.idx").read_bytes()
     pointers = np.frombuffer(raw, dtype=np.int64, count=3, offset=34 + 12)
     assert pointers.tolist() == [0, 2**31, 2**32]
