@@ -148,3 +148,91 @@ def test_text_mode_with_sentencepiece(tmp_path):
     ds = IndexedDataset(tmp_path / "tx")
     for i, t in enumerate(texts):
         assert ds[i].tolist() == [1] + sp.encode(t) + [2]
+
+
+def _generated_lines(n: int, seed: int = 0) -> list[bytes]:
+    """JSON-ish lines mixing valid token_ids rows with every trap a byte-level fast path can fall into."""
+    rng = np.random.default_rng(seed)
+    ints = ["0", "1", "31999", "32000", "-3", "007", "00", "99999999999999999999999", "1.0", "1e3", "true", "null",
+            '"7"', "[1]", "{}", "12 34", ""]
+    seps = [",", ", ", " , ", ",\t", ",\r", ",,"]
+
+    def array() -> str:
+        if rng.random() < 0.6:  # clean, in one of the layouts JSON writers produce
+            sep = str(rng.choice(seps[:-1]))
+            return "[" + sep.join(str(v) for v in rng.integers(0, 32000, rng.integers(1, 20))) + "]"
+        items = [str(rng.choice(ints)) if rng.random() < 0.3 else str(rng.integers(0, 32000))
+                 for _ in range(rng.integers(0, 6))]
+        body = "".join(item + (str(rng.choice(seps)) if j + 1 < len(items) else "") for j, item in enumerate(items))
+        return "[" + rng.choice(["", " ", "\t"]) + body + rng.choice(["", " ", ",", "\r"]) + "]"
+
+    keys = ['"token_ids"', '"token\\u005fids"', '"Token_ids"', '"token_ids "']
+    others = ['"source": "web"', '"text": "caf\u00e9 \u65e5\u672c \\"token_ids\\": [1]"', '"n": 1.5', '"ok": true',
+              '"x": null', '"token_ids": []', '"token_ids": [5]', '"meta": {"token_ids": ' + "[1, 2]" + "}",
+              '"list": [[1], {"a": "]"}]', '"s": "[1, 2]"']
+    lines = []
+    for _ in range(n):
+        fields = [f"{rng.choice(keys) if rng.random() < 0.15 else keys[0]}{rng.choice([':', ': ', ' : '])}{array()}"]
+        fields += [str(rng.choice(others)) for _ in range(rng.integers(0, 3))]
+        rng.shuffle(fields)
+        text = "{" + ", ".join(fields) + "}"
+        r = rng.random()
+        if r < 0.05:
+            text = "\ufeff" + text
+        elif r < 0.1:
+            text = text[: rng.integers(1, len(text))]  # truncated
+        elif r < 0.15:
+            text = "[" + text + "]"
+        elif r < 0.2:
+            text = "  " + text + " x"
+        raw = text.encode()
+        if rng.random() < 0.03:
+            raw = raw.replace(b"web", b"w\xffb")  # invalid UTF-8
+        lines.append(raw + rng.choice([b"\n", b"\r\n", b""]))
+    return lines
+
+
+def _slow(line: bytes):
+    from megatron_mobilellm.data.preprocess import BadLine, parse_ids_slow
+    try:
+        return parse_ids_slow(line, "token_ids", 32000).tolist()
+    except BadLine as e:
+        return f"error: {e}"
+
+
+def test_fast_and_slow_json_paths_agree_on_every_line():
+    """The full per-line decision (fast path, its digit check, slow fallback) equals the orjson path alone."""
+    from megatron_mobilellm.data.preprocess import Chunk, Options, parse_ids_fast, process_chunk
+    lines = _generated_lines(3000)
+    accepted_fast = 0
+    for i, line in enumerate(lines):
+        expected = _slow(line)
+        res = process_chunk(Chunk("f.jsonl", 1, [line], len(line)), Options())
+        got = f"error: {res.bad[0][2]}" if res.bad else res.tokens.tolist()
+        assert got == expected, (i, line)
+        accepted_fast += parse_ids_fast(line, b'"token_ids"', 32000) is not None
+    assert 0.2 * len(lines) < accepted_fast < 0.9 * len(lines)  # both paths were exercised
+    # Whole chunks (digit check once per chunk, then line by line when it fails) with skipping: same documents.
+    res = process_chunk(Chunk("f.jsonl", 1, lines, 0), Options(skip_bad_lines=True))
+    expected = [_slow(line) for line in lines]
+    assert [b[1] - 1 for b in res.bad] == [i for i, e in enumerate(expected) if isinstance(e, str)]
+    assert [b[2] for b in res.bad] == [e[len("error: "):] for e in expected if isinstance(e, str)]
+    good = [e for e in expected if not isinstance(e, str)]
+    assert res.lengths.tolist() == [len(d) for d in good]
+    assert res.tokens.tolist() == [t for d in good for t in d]
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"meta": {"token_ids": [1]}, "token_ids": []}', "is empty"),
+    ('{"token_ids": [1], "token_ids": []}', "is empty"),
+    ('{"token_ids": [1, 007]}', "malformed JSON"),
+    ('{"token\\u005fids": [3], "x": {"token_ids": [1]}}', "[3]"),
+    ('{"token_ids": [1, 2 3]}', "malformed JSON"),
+    ('\ufeff{"token_ids": [1]}', "malformed JSON"),
+])
+def test_fast_path_traps(line, reason):
+    """Lines a byte-level fast path used to misread: nested or duplicate keys, leading zeros, escaped keys."""
+    from megatron_mobilellm.data.preprocess import Chunk, Options, process_chunk
+    raw = line.encode()
+    res = process_chunk(Chunk("f.jsonl", 1, [raw], len(raw)), Options())
+    assert (res.bad[0][2] if res.bad else str(res.tokens.tolist())).find(reason) >= 0, res
