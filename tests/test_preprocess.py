@@ -2,8 +2,11 @@
 
 import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +239,79 @@ def test_fast_path_traps(line, reason):
     raw = line.encode()
     res = process_chunk(Chunk("f.jsonl", 1, [raw], len(raw)), Options())
     assert (res.bad[0][2] if res.bad else str(res.tokens.tolist())).find(reason) >= 0, res
+
+
+# --- the worker pool under faults: a worker killed, the main process killed, Ctrl-C ---------------------------------
+
+def _slow_input(path: Path) -> Path:
+    """A .jsonl.gz that reads in a moment but takes the workers long to parse (~200 MB of rows as gzip members)."""
+    row = json.dumps({"token_ids": list(range(2000, 4049)), "source": "web"}) + "\n"
+    member = gzip.compress((row * 100).encode(), compresslevel=1)
+    path.write_bytes(member * 150)
+    return path
+
+
+def _start(tmp_path, *args):
+    import psutil
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.bin").write_bytes(b"old")  # an existing dataset at the prefix must survive every failure
+    (out / "x.idx").write_bytes(b"old")
+    proc = subprocess.Popen([sys.executable, str(TOOL), "--no-progress", "--input", str(_slow_input(tmp_path / "in.jsonl.gz")),
+                             "--output-prefix", str(out / "x"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and (len(psutil.Process(proc.pid).children()) < 2 or not list(out.glob(".x.bin.tmp*"))):
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2 and proc.poll() is None, proc.communicate()
+    time.sleep(0.3)  # mid-run: chunks are being parsed
+    return proc, workers, out
+
+
+def _assert_untouched(out: Path):
+    assert sorted(p.name for p in out.iterdir()) == ["x.bin", "x.idx"]
+    assert (out / "x.bin").read_bytes() == (out / "x.idx").read_bytes() == b"old"
+
+
+def _gone(procs, timeout=10.0) -> bool:
+    import psutil
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return all(p.status() == psutil.STATUS_ZOMBIE for p in alive)
+
+
+def test_killed_worker_fails_fast_names_input_and_cleans_up(tmp_path):
+    """What the OOM killer does to a worker: the main process must not hang, and must say which input it was."""
+    proc, workers, out = _start(tmp_path, "--workers", "2", "--chunk-size-mb", "1")
+    workers[0].kill()
+    start = time.time()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.time() - start < 20
+    assert proc.returncode == 1
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and "worker process died" in stderr
+    assert f"{tmp_path / 'in.jsonl.gz'}:" in stderr
+    _assert_untouched(out)
+    assert _gone(workers)
+
+
+def test_killed_main_process_takes_its_workers_along(tmp_path):
+    proc, workers, out = _start(tmp_path, "--workers", "2")
+    proc.kill()
+    proc.wait(timeout=10)
+    assert _gone(workers, timeout=10), [w.pid for w in workers]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_exit_cleanly(tmp_path, sig):
+    """Ctrl-C reaches the whole process group (as from a terminal); SIGTERM only the main process (as from a
+    scheduler). Either way: a prompt exit with one line, nothing written, no temporaries, no workers left."""
+    proc, workers, out = _start(tmp_path, "--workers", "2")
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == [f"error: interrupted; nothing written ({out / 'x'})"]
+    _assert_untouched(out)
+    assert _gone(workers)
