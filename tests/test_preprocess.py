@@ -1,9 +1,14 @@
-"""tools/preprocess_jsonl.py: node layout, worker determinism, bad input, skipping, text mode."""
+"""tools/preprocess_jsonl.py: node layout, worker determinism, bad input, skipping, text mode, and faults: the JSON
+fast path against the slow one, a dying pool, Ctrl-C, disk full, unwritable outputs, odd and unreadable inputs."""
 
+import errno
 import gzip
+import importlib.util
+import io
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_mobilellm.data.indexed_dataset import IndexedDataset
+from megatron_mobilellm.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from helpers import require
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "preprocess_jsonl.py"
@@ -315,3 +321,86 @@ def test_ctrl_c_and_sigterm_exit_cleanly(tmp_path, sig):
     assert stderr.strip().splitlines() == [f"error: interrupted; nothing written ({out / 'x'})"]
     _assert_untouched(out)
     assert _gone(workers)
+
+
+# --- the file system under faults: disk full, read-only, folders in the way, unreadable or odd inputs -------------
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _docs_jsonl(path: Path, num_docs: int, tokens: int = 1000) -> Path:
+    write_jsonl(path, [np.arange(tokens) % 32000 for _ in range(num_docs)], extra=False)
+    return path
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (the real disk-full path: the kernel's ENOSPC, on write or on flush)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    require(res.returncode == 0, f"needs a tmpfs mount (root or CAP_SYS_ADMIN): {res.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _old_dataset(prefix: Path) -> dict[str, bytes]:
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        w.add_document(np.arange(10))
+    return {p.name: p.read_bytes() for p in prefix.parent.iterdir()}
+
+
+@pytest.mark.parametrize("tool", ["preprocess", "merge"])
+def test_disk_full_on_tmpfs_is_one_line_and_keeps_old_dataset(tmp_path, small_tmpfs, tool):
+    before = _old_dataset(small_tmpfs / "x")
+    if tool == "preprocess":
+        res = run_tool("--input", _docs_jsonl(tmp_path / "in.jsonl", 1500), "--output-prefix", small_tmpfs / "x",
+                       check=False)
+    else:
+        write_jsonl(tmp_path / "a.jsonl", [np.arange(1000)] * 1500, extra=False)
+        run_tool("--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "a")
+        res = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_datasets.py"), "--input", tmp_path / "a",
+                              tmp_path / "a", "--output-prefix", small_tmpfs / "x"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=300)
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: cannot write: no space left on device") and str(small_tmpfs / "x.") in res.stderr
+    assert {p.name: p.read_bytes() for p in small_tmpfs.iterdir()} == before  # no temporaries, old dataset intact
+    assert shutil.disk_usage(small_tmpfs).used < 64 << 10
+
+
+@pytest.mark.parametrize("where", ["bin", "idx", "fsync"])
+def test_fake_disk_full_at_each_write(tmp_path, monkeypatch, capsys, where):
+    """ENOSPC raised at each write step in-process (runs everywhere, no mount needed)."""
+    import megatron_mobilellm.atomic as atomic
+    import megatron_mobilellm.data.indexed_dataset as indexed
+
+    out = tmp_path / "out"
+    before = _old_dataset(out / "x")
+    inputs = _docs_jsonl(tmp_path / "in.jsonl", 5)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class FullDisk(io.BufferedWriter):
+        write = full
+
+    def open_full_bin(path, mode="r", *args):
+        return FullDisk(io.FileIO(path, "w")) if ".bin.tmp" in str(path) else open(path, mode, *args)
+
+    if where == "bin":
+        monkeypatch.setattr(atomic, "open", open_full_bin, raising=False)
+    elif where == "idx":
+        monkeypatch.setattr(indexed, "write_index", full)
+    else:
+        monkeypatch.setattr(os, "fsync", full)
+    rc = _load_tool("preprocess_jsonl").main(["--no-progress", "--input", str(inputs), "--output-prefix",
+                                              str(out / "x")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("error: cannot write: no space left on device") and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import glob
 import gzip
-import importlib.util
 import io
 import os
 import signal
@@ -132,10 +131,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     if repeats:
         print(f"warning: {len(repeats)} input path(s) lead to a file already read, skipped (e.g. {repeats[0]})",
               file=sys.stderr)
-    if any(f.name.endswith(".zst") for f in files) and importlib.util.find_spec("zstandard") is None:
-        first = next(f for f in files if f.name.endswith(".zst"))
-        raise PreprocessError(f"reading .zst input needs the zstandard package: "
-                              f"pip install 'megatron-mobilellm[zstd]' ({first})")
+    for f in files:
+        if f.name.endswith(".zst"):
+            _zstandard(f)  # fails now rather than after the files before it are converted
+            break
     return files
 
 
@@ -177,32 +176,33 @@ def _check_readable(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _open(path: Path) -> io.BufferedIOBase:
+def _zstandard(path: Path):
+    """The optional ``zstandard`` module, or PreprocessError naming the extra that installs it."""
+    try:
+        import zstandard
+    except ImportError:
+        raise PreprocessError("reading .zst input needs the zstandard package: "
+                              f"pip install 'megatron-mobilellm[zstd]' ({path})") from None
+    return zstandard
+
+
+def _open(path: Path) -> tuple[io.BufferedIOBase, tuple[type[BaseException], ...]]:
+    """The decompressed stream of ``path`` and the exceptions, besides OSError, that mean it is damaged."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(path, "rb"), (EOFError, zlib.error)
     if path.name.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
-
-
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """What a damaged compressed stream raises, besides OSError."""
-    errors: tuple[type[BaseException], ...] = (EOFError, zlib.error)
-    if importlib.util.find_spec("zstandard") is not None:
-        import zstandard
-
-        errors += (zstandard.ZstdError,)
-    return errors
+        zstandard = _zstandard(path)
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.BufferedReader(reader), (zstandard.ZstdError,)
+    return open(path, "rb"), ()
 
 
 def read_chunks(files: list[Path], chunk_bytes: int) -> Iterator[Chunk]:
-    damaged = _read_errors()
     for path in files:
-        line_no = 1
+        line_no, damaged = 1, ()
         try:
-            with _open(path) as f:
+            stream, damaged = _open(path)
+            with stream as f:
                 while lines := f.readlines(chunk_bytes):
                     yield Chunk(str(path), line_no, lines, sum(map(len, lines)))
                     line_no += len(lines)
@@ -408,7 +408,11 @@ def preprocess(inputs: list[str], output_prefix: str, opts: Options, workers: in
     if opts.tokenizer_model:
         import sentencepiece
 
-        opts.vocab_size = sentencepiece.SentencePieceProcessor(model_file=opts.tokenizer_model).vocab_size()
+        try:
+            opts.vocab_size = sentencepiece.SentencePieceProcessor(model_file=opts.tokenizer_model).vocab_size()
+        except (OSError, RuntimeError) as e:
+            raise PreprocessError(f"cannot load the tokenizer model: {str(e).splitlines()[0]} "
+                                  f"({opts.tokenizer_model})") from None
     files = expand_inputs(inputs)
     summary = Summary(files=len(files))
     start = time.perf_counter()
