@@ -11,6 +11,7 @@ import signal
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -404,3 +405,158 @@ def test_fake_disk_full_at_each_write(tmp_path, monkeypatch, capsys, where):
     assert rc == 1
     assert err.startswith("error: cannot write: no space left on device") and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("tool", ["preprocess", "merge"])
+def test_output_path_that_is_a_folder(tmp_path, tool):
+    write_jsonl(tmp_path / "in.jsonl", [[1, 2, 3]])
+    run_tool("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "src")
+    (tmp_path / "out" / "x.bin").mkdir(parents=True)
+    (tmp_path / "out" / "x.bin" / "keep").write_text("user data")
+    cmd = ([str(TOOL), "--input", tmp_path / "in.jsonl"] if tool == "preprocess" else
+           [str(ROOT / "tools" / "merge_datasets.py"), "--input", tmp_path / "src"])
+    res = subprocess.run([sys.executable, *map(str, cmd), "--output-prefix", str(tmp_path / "out" / "x")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 1
+    assert res.stderr == f"error: cannot write: the output is a directory ({tmp_path / 'out' / 'x.bin'})\n"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.bin"]
+    assert (tmp_path / "out" / "x.bin" / "keep").read_text() == "user data"
+
+
+def test_read_only_output_folder(tmp_path, small_tmpfs):
+    before = _old_dataset(small_tmpfs / "x")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    res = run_tool("--input", _docs_jsonl(tmp_path / "in.jsonl", 3), "--output-prefix", small_tmpfs / "x",
+                   check=False)
+    assert res.returncode == 1
+    assert res.stderr == f"error: cannot write: read-only file system; write elsewhere ({small_tmpfs / 'x.bin'})\n"
+    assert {p.name: p.read_bytes() for p in small_tmpfs.iterdir()} == before
+
+
+@pytest.fixture
+def world_dir():
+    """A folder outside pytest's private tmp root, so a process that dropped root can reach it."""
+    d = Path(tempfile.mkdtemp(prefix="preprocess-test-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+def run_unprivileged(*args) -> subprocess.CompletedProcess:
+    """Run the tool where file permissions apply. Root reads everything (and CI runs as root), so as root the tool
+    runs in a process that drops to nobody after importing what it needs (the interpreter lives under /root)."""
+    argv = [str(TOOL), "--no-progress", *map(str, args)]
+    if os.geteuid() != 0:
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    code = ("import argparse, math, os, pkgutil, runpy, sys, tqdm, megatron_mobilellm.data.preprocess\n"
+            "os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
+            f"sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("what", ["folder", "file", "output"])
+def test_permission_denied(world_dir, what):
+    """An unreadable node folder or file is reported as unreadable (not "has no .jsonl files", not skipped); an
+    unwritable output folder as unwritable; both before any work."""
+    base = world_dir / "base"
+    write_jsonl(base / "1" / "a.jsonl", [[1, 2]])
+    write_jsonl(base / "2" / "b.jsonl", [[3]])
+    out = world_dir / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    for p in [base, base / "1", base / "2"]:
+        p.chmod(0o755)
+    for p in [base / "1" / "a.jsonl", base / "2" / "b.jsonl"]:
+        p.chmod(0o644)
+    if what == "folder":
+        (base / "2").chmod(0)
+        expected = f"error: cannot read {base / '2'}: permission denied\n"
+    elif what == "file":
+        (base / "2" / "b.jsonl").chmod(0)
+        expected = f"error: cannot read {base / '2' / 'b.jsonl'}: permission denied\n"
+    else:
+        out.chmod(0o755)
+        expected = (f"error: cannot write: permission denied; write elsewhere or fix the folder's permissions "
+                    f"({out / 'x.bin'})\n")
+    res = run_unprivileged("--input", base, "--output-prefix", out / "x")
+    assert (res.returncode, res.stderr) == (1, expected)
+    assert list(out.iterdir()) == []
+
+
+def test_symlinked_node_folders_and_files(tmp_path):
+    """basepath/<node>/ built from symlinks is read; two links to one file read it once, with a warning."""
+    real = tmp_path / "real"
+    write_jsonl(real / "nodeA" / "a.jsonl", [[1], [2]])
+    write_jsonl(real / "loose.jsonl", [[3]])
+    base = tmp_path / "base"
+    (base / "2").mkdir(parents=True)
+    (base / "1").symlink_to(real / "nodeA", target_is_directory=True)
+    (base / "2" / "b.jsonl").symlink_to(real / "loose.jsonl")
+    (base / "3").symlink_to(real / "nodeA", target_is_directory=True)  # the same folder again
+    res = run_tool("--input", base, "--output-prefix", tmp_path / "o")
+    ds = IndexedDataset(tmp_path / "o")
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1], [2], [3]]
+    assert "warning: 1 input path(s) lead to a file already read" in res.stderr
+    assert f"{base / '3'} is {base / '1'}" in res.stderr
+
+
+@pytest.mark.parametrize("spec", ["{base}", "{base}/**/*.jsonl"])
+def test_symlink_loop_reads_each_file_once(tmp_path, spec):
+    base = tmp_path / "base"
+    write_jsonl(base / "n1" / "a.jsonl", [[1, 2]])
+    write_jsonl(base / "n2" / "b.jsonl", [[3]])
+    (base / "n1" / "loop").symlink_to(base, target_is_directory=True)
+    run_tool("--input", spec.format(base=base), "--output-prefix", tmp_path / "o")
+    ds = IndexedDataset(tmp_path / "o")
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2], [3]]
+
+
+def test_broken_symlink_is_unreadable(tmp_path):
+    write_jsonl(tmp_path / "base" / "a.jsonl", [[1]])
+    (tmp_path / "base" / "b.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    res = run_tool("--input", tmp_path / "base", "--output-prefix", tmp_path / "o", check=False)
+    assert (res.returncode, res.stderr) == (
+        1, f"error: cannot read {tmp_path / 'base' / 'b.jsonl'}: no such file or directory\n")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_gzip"])
+def test_corrupt_gzip_names_the_file(tmp_path, damage):
+    data = gzip.compress(b"".join(json.dumps({"token_ids": [i, i + 1]}).encode() + b"\n" for i in range(5000)))
+    if damage == "truncated":
+        data = data[:len(data) // 2]
+    elif damage == "garbage":
+        data = data[:len(data) // 2] + bytes(range(256)) * 4 + data[len(data) // 2:]
+    else:
+        data = b"just text\n"
+    (tmp_path / "in.jsonl.gz").write_bytes(data)
+    res = run_tool("--input", tmp_path / "in.jsonl.gz", "--output-prefix", tmp_path / "out" / "x", check=False)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert res.stderr.startswith(f"error: {tmp_path / 'in.jsonl.gz'}: corrupt gzip data after line ")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_zstd_input_and_the_extra_it_needs(tmp_path):
+    zstandard = pytest.importorskip("zstandard")  # a declared extra ([zstd]); the error below is what users without it see
+    raw = b"".join(json.dumps({"token_ids": [i, 7]}).encode() + b"\n" for i in range(100))
+    (tmp_path / "in.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    run_tool("--input", tmp_path / "in.jsonl.zst", "--output-prefix", tmp_path / "o")
+    assert IndexedDataset(tmp_path / "o")[99].tolist() == [99, 7]
+    argv = [str(TOOL), "--no-progress", "--input", str(tmp_path / "in.jsonl.zst"), "--output-prefix", str(tmp_path / "p")]
+    hidden = f"import runpy, sys; sys.modules['zstandard'] = None; sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+    res = subprocess.run([sys.executable, "-c", hidden], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert (res.returncode, res.stderr) == (1, "error: reading .zst input needs the zstandard package: pip install "
+                                               f"'megatron-mobilellm[zstd]' ({tmp_path / 'in.jsonl.zst'})\n")
+    assert not list(tmp_path.glob("p*"))
+
+
+@pytest.mark.parametrize("flag, value", [("--workers", "0"), ("--workers", "-2"), ("--workers", "100000"),
+                                         ("--workers", "1.5"), ("--vocab-size", "0"), ("--vocab-size", "2147483648"),
+                                         ("--chunk-size-mb", "nan"), ("--chunk-size-mb", "inf"),
+                                         ("--chunk-size-mb", "0"), ("--chunk-size-mb", "-4"),
+                                         ("--chunk-size-mb", "1e9")])
+def test_numeric_flags_are_range_checked_before_work(tmp_path, flag, value):
+    write_jsonl(tmp_path / "in.jsonl", [[1]])
+    res = run_tool("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o", flag, value, check=False)
+    assert res.returncode != 0 and f"argument {flag}: " in res.stderr and "Traceback" not in res.stderr
+    assert not list(tmp_path.glob("o*"))

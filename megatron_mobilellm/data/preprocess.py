@@ -115,12 +115,12 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     repeats: list[str] = []
     for spec in inputs:
         if os.path.lexists(spec):
-            found = _walk(Path(spec))
+            found = _walk(Path(spec), repeats)
         else:
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
                 raise PreprocessError(f"no such file, directory or glob match ({spec})")
-            found = [f for m in matches for f in _walk(Path(m))]
+            found = [f for m in matches for f in _walk(Path(m), repeats)]
         for f in found:
             ident = _check_readable(f)
             if ident in seen:
@@ -138,9 +138,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _walk(root: Path) -> list[Path]:
-    """``root`` itself unless it is a folder (or a link to one); then its jsonl files, following symlinked
-    folders but entering each real folder once, so a symlink loop ends instead of repeating files."""
+def _walk(root: Path, repeats: list[str]) -> list[Path]:
+    """``root`` itself unless it is a folder (or a link to one); then its jsonl files in sorted path order,
+    following symlinked folders but entering each real folder once (noting the repeats), so a symlink loop ends."""
     if not root.is_dir():
         return [root]
 
@@ -148,13 +148,15 @@ def _walk(root: Path) -> list[Path]:
         raise PreprocessError(f"cannot read {e.filename}: {e.strerror.lower()}")
 
     found: list[Path] = []
-    entered: set[tuple[int, int]] = set()
+    entered: dict[tuple[int, int], str] = {}
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in entered:
+            repeats.append(f"{folder} is {entered[st.st_dev, st.st_ino]}")
             subfolders.clear()
             continue
-        entered.add((st.st_dev, st.st_ino))
+        entered[st.st_dev, st.st_ino] = folder
+        subfolders.sort()  # depth-first in name order: the first path to a folder is the first in sorted order
         found += [Path(folder, n) for n in names if n.endswith(SUFFIXES)]
     if not found:
         raise PreprocessError(f"directory has no {'/'.join(SUFFIXES)} files ({root})")
@@ -417,9 +419,9 @@ def preprocess(inputs: list[str], output_prefix: str, opts: Options, workers: in
     summary = Summary(files=len(files))
     start = time.perf_counter()
     total = sum(f.stat().st_size for f in files)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not progress, smoothing=0.1)
-    with IndexedDatasetWriter(output_prefix, token_dtype(opts.vocab_size)) as writer, bar, \
-            closing(_parse_in_order(read_chunks(files, chunk_bytes), opts, workers)) as results:
+    with IndexedDatasetWriter(output_prefix, token_dtype(opts.vocab_size)) as writer, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not progress,
+                 smoothing=0.1) as bar, closing(_parse_in_order(read_chunks(files, chunk_bytes), opts, workers)) as results:
         for res in results:
             if res.bad and not opts.skip_bad_lines:
                 path, line, reason = res.bad[0]
