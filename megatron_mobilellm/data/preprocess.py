@@ -25,7 +25,6 @@ import signal
 import stat
 import sys
 import time
-import warnings
 import zlib
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -220,10 +219,9 @@ def parse_ids_fast(line: bytes, key: bytes, vocab_size: int) -> tuple[np.ndarray
 
     Plain means: the quoted key occurs once and the line has no backslash (so no escaped spelling of the key can
     hide elsewhere, and the occurrence found is the top-level key), and the array holds only digits, commas and
-    JSON whitespace. The array is parsed by numpy's C parser, the rest of the object by orjson. ``digits`` counts
-    the array's digit characters: the caller compares it with the ids' own digit count (``_digit_count``), which
-    rejects leading zeros, as JSON does. Every other malformation makes the parsed count differ from
-    ``commas + 1``, because numpy stops at the first text it cannot read.
+    JSON whitespace, ending in a digit. The array is parsed by numpy's C parser (which raises on a missing or
+    doubled comma), the rest of the object by orjson. ``digits`` counts the array's digit characters: the caller
+    compares it with the ids' own digit count (``_digit_count``), which rejects leading zeros, as JSON does.
     """
     k = line.find(key)
     if k < 0 or line.find(key, k + 1) >= 0 or b"\\" in line:
@@ -236,14 +234,15 @@ def parse_ids_fast(line: bytes, key: bytes, vocab_size: int) -> tuple[np.ndarray
         return None
     content = line[lb + 1:rb]
     digits = content.translate(None, _SEPARATORS)
-    if not digits.isdigit():  # empty, or holds something other than digits, commas and whitespace
+    # Only digits, commas and whitespace, ending in a digit (numpy would accept a trailing comma).
+    if not digits.isdigit() or not content.rstrip(_JSON_WS)[-1:].isdigit():
         return None
     try:
-        ids = np.fromstring(content, dtype=np.int64, sep=",")
+        ids = np.fromstring(content, dtype=np.int64, sep=",")  # raises on text it cannot read to the end
     except ValueError:
         return None
     # numpy saturates ids beyond int64 at its maximum, so the bound check catches overflow too.
-    if ids.size != content.count(b",") + 1 or ids.max() >= vocab_size:
+    if ids.max() >= vocab_size:
         return None
     try:
         rest = orjson.loads(line[:lb + 1] + line[rb:])
@@ -331,9 +330,7 @@ def _parse_text(line: bytes, opts: Options) -> np.ndarray:
 def process_chunk(chunk: Chunk, opts: Options) -> ChunkResult:
     """Parse one chunk. Token-id lines take the fast path; its digit check runs once over the whole chunk, and only
     when that fails (an id written with leading zeros somewhere) is the chunk parsed again checking line by line."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # numpy on the arrays the fast path turns away
-        return _parse_lines(chunk, opts, False) or _parse_lines(chunk, opts, True)
+    return _parse_lines(chunk, opts, False) or _parse_lines(chunk, opts, True)
 
 
 def _parse_lines(chunk: Chunk, opts: Options, check_each_line: bool) -> ChunkResult | None:
