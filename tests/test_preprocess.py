@@ -264,14 +264,17 @@ def _start(tmp_path, *args):
     out.mkdir()
     (out / "x.bin").write_bytes(b"old")  # an existing dataset at the prefix must survive every failure
     (out / "x.idx").write_bytes(b"old")
-    proc = subprocess.Popen([sys.executable, str(TOOL), "--no-progress", "--input", str(_slow_input(tmp_path / "in.jsonl.gz")),
-                             "--output-prefix", str(out / "x"), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(TOOL), "--no-progress", "--input",
+                             str(_slow_input(tmp_path / "in.jsonl.gz")), "--output-prefix", str(out / "x"), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
-    while time.time() < deadline and (len(psutil.Process(proc.pid).children()) < 2 or not list(out.glob(".x.bin.tmp*"))):
+    while time.time() < deadline and proc.poll() is None and (
+            len(psutil.Process(proc.pid).children()) < 2 or not list(out.glob(".x.bin.tmp*"))):
         time.sleep(0.05)
-    workers = psutil.Process(proc.pid).children()
-    assert len(workers) == 2 and proc.poll() is None, proc.communicate()
+    workers = psutil.Process(proc.pid).children() if proc.poll() is None else []
+    if len(workers) != 2:
+        proc.kill()
+        pytest.fail(f"the run did not get going: {proc.communicate()}")
     time.sleep(0.3)  # mid-run: chunks are being parsed
     return proc, workers, out
 
@@ -369,7 +372,8 @@ def test_disk_full_on_tmpfs_is_one_line_and_keeps_old_dataset(tmp_path, small_tm
                              cwd=ROOT, timeout=300)
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
-    assert res.stderr.startswith("error: cannot write: no space left on device") and str(small_tmpfs / "x.") in res.stderr
+    assert res.stderr.startswith("error: cannot write: no space left on device")
+    assert str(small_tmpfs / "x.") in res.stderr
     assert {p.name: p.read_bytes() for p in small_tmpfs.iterdir()} == before  # no temporaries, old dataset intact
     assert shutil.disk_usage(small_tmpfs).used < 64 << 10
 
@@ -442,13 +446,13 @@ def world_dir():
     shutil.rmtree(d)
 
 
-def run_unprivileged(*args) -> subprocess.CompletedProcess:
-    """Run the tool where file permissions apply. Root reads everything (and CI runs as root), so as root the tool
-    runs in a process that drops to nobody after importing what it needs (the interpreter lives under /root)."""
-    argv = [str(TOOL), "--no-progress", *map(str, args)]
+def run_unprivileged(*args, tool: Path = TOOL) -> subprocess.CompletedProcess:
+    """Run a tool where file permissions apply. Root reads everything (and CI runs as root), so as root the tool
+    runs in a process that drops to nobody after importing what it needs (the interpreter may live under /root)."""
+    argv = [str(tool), *map(str, args)]
     if os.geteuid() != 0:
         return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    code = ("import argparse, math, os, pkgutil, runpy, sys, tqdm, megatron_mobilellm.data.preprocess\n"
+    code = ("import argparse, math, mmap, os, pkgutil, runpy, sys, tqdm, megatron_mobilellm.data.preprocess\n"
             "os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
             f"sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
@@ -479,8 +483,24 @@ def test_permission_denied(world_dir, what):
         out.chmod(0o755)
         expected = (f"error: cannot write: permission denied; write elsewhere or fix the folder's permissions "
                     f"({out / 'x.bin'})\n")
-    res = run_unprivileged("--input", base, "--output-prefix", out / "x")
+    res = run_unprivileged("--no-progress", "--input", base, "--output-prefix", out / "x")
     assert (res.returncode, res.stderr) == (1, expected)
+    assert list(out.iterdir()) == []
+
+
+def test_merge_of_an_unreadable_dataset(world_dir):
+    for name in ("a", "b"):
+        with IndexedDatasetWriter(world_dir / name, np.uint16) as w:
+            w.add_document(np.arange(3))
+        for ext in (".bin", ".idx"):
+            (world_dir / f"{name}{ext}").chmod(0o644)
+    (world_dir / "b.bin").chmod(0)
+    out = world_dir / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    res = run_unprivileged("--input", world_dir / "a", world_dir / "b", "--output-prefix", out / "x",
+                           tool=ROOT / "tools" / "merge_datasets.py")
+    assert (res.returncode, res.stderr) == (1, f"error: cannot read {world_dir / 'b.bin'}: permission denied\n")
     assert list(out.iterdir()) == []
 
 
@@ -537,13 +557,16 @@ def test_corrupt_gzip_names_the_file(tmp_path, damage):
 
 
 def test_zstd_input_and_the_extra_it_needs(tmp_path):
-    zstandard = pytest.importorskip("zstandard")  # a declared extra ([zstd]); the error below is what users without it see
+    require(importlib.util.find_spec("zstandard") is not None, "needs the [zstd] extra (zstandard)")
+    import zstandard
     raw = b"".join(json.dumps({"token_ids": [i, 7]}).encode() + b"\n" for i in range(100))
     (tmp_path / "in.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
     run_tool("--input", tmp_path / "in.jsonl.zst", "--output-prefix", tmp_path / "o")
     assert IndexedDataset(tmp_path / "o")[99].tolist() == [99, 7]
-    argv = [str(TOOL), "--no-progress", "--input", str(tmp_path / "in.jsonl.zst"), "--output-prefix", str(tmp_path / "p")]
-    hidden = f"import runpy, sys; sys.modules['zstandard'] = None; sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+    argv = [str(TOOL), "--no-progress", "--input", str(tmp_path / "in.jsonl.zst"), "--output-prefix",
+            str(tmp_path / "p")]
+    hidden = (f"import runpy, sys; sys.modules['zstandard'] = None; sys.argv = {argv!r}; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
     res = subprocess.run([sys.executable, "-c", hidden], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert (res.returncode, res.stderr) == (1, "error: reading .zst input needs the zstandard package: pip install "
                                                f"'megatron-mobilellm[zstd]' ({tmp_path / 'in.jsonl.zst'})\n")

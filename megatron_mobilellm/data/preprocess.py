@@ -3,7 +3,8 @@
 
 Inputs are read in order (directories walked in sorted path order, so ``basepath/<node>/*.jsonl`` converts as laid
 out) and cut into chunks of lines; chunks are parsed by a process pool and written strictly in input order, so the
-output is byte-identical for any number of workers and memory is bounded by ``chunk_bytes × workers``.
+output is byte-identical for any number of workers and memory is bounded by about
+``2 × chunk_bytes × workers``.
 
 Token-id lines take a fast path (``parse_ids_fast``): the ``"token_ids"`` array is located with byte searches and
 parsed by numpy's C parser, and the rest of the object is validated by orjson. It only ever accepts a line that the
@@ -123,7 +124,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         for f in found:
             ident = _check_readable(f)
             if ident in seen:
-                repeats.append(f"{f} is {seen[ident]}")
+                if f != seen[ident]:  # the same path twice (a glob like base/** and its folders) is no news
+                    repeats.append(f"{f} is {seen[ident]}")
                 continue
             seen[ident] = f
             files.append(f)
@@ -379,7 +381,10 @@ def _parse_in_order(chunks: Iterator[Chunk], opts: Options, workers: int) -> Ite
     with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=(opts, os.getpid())) as pool:
         try:
             for chunk in chunks:
-                pending.append((pool.submit(process_chunk, chunk, opts), chunk))
+                try:
+                    pending.append((pool.submit(process_chunk, chunk, opts), chunk))
+                except BrokenProcessPool:  # a worker died since the last result; the oldest chunk is the suspect
+                    raise _worker_died(pending[0][1] if pending else chunk) from None
                 if len(pending) >= 2 * workers:
                     yield _result(*pending.popleft())
             while pending:
@@ -393,8 +398,12 @@ def _result(future: Future, chunk: Chunk) -> ChunkResult:
     try:
         return future.result()
     except BrokenProcessPool:
-        raise PreprocessError(f"{chunk.path}:{chunk.first_line}: a worker process died parsing the chunk from this "
-                              "line (out of memory? try fewer --workers or a smaller --chunk-size-mb)") from None
+        raise _worker_died(chunk) from None
+
+
+def _worker_died(chunk: Chunk) -> PreprocessError:
+    return PreprocessError(f"{chunk.path}:{chunk.first_line}: a worker process died parsing the chunk from this line "
+                           "(out of memory? try fewer --workers or a smaller --chunk-size-mb)")
 
 
 def preprocess(inputs: list[str], output_prefix: str, opts: Options, workers: int = 1,
@@ -416,10 +425,11 @@ def preprocess(inputs: list[str], output_prefix: str, opts: Options, workers: in
     summary = Summary(files=len(files))
     start = time.perf_counter()
     total = sum(f.stat().st_size for f in files)
-    with IndexedDatasetWriter(output_prefix, token_dtype(opts.vocab_size)) as writer, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not progress,
-                 smoothing=0.1) as bar, closing(_parse_in_order(read_chunks(files, chunk_bytes), opts, workers)) as results:
-        for res in results:
+    parsed = _parse_in_order(read_chunks(files, chunk_bytes), opts, workers)  # starts on the first result
+    writer = IndexedDatasetWriter(output_prefix, token_dtype(opts.vocab_size))  # checks the output first
+    with writer, closing(parsed), tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not progress,
+                               smoothing=0.1) as bar:
+        for res in parsed:
             if res.bad and not opts.skip_bad_lines:
                 path, line, reason = res.bad[0]
                 raise PreprocessError(f"{path}:{line}: {reason}")
