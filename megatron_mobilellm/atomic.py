@@ -7,6 +7,7 @@ atomic within a filesystem); on an error the temporary is removed.
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import shutil
 from contextlib import ExitStack, contextmanager
@@ -16,6 +17,26 @@ from typing import IO, Iterator
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Remove the temporaries of ``path`` left by writers that were killed outright (kill -9, the OOM killer):
+    those whose process no longer runs on this machine."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager

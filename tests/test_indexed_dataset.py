@@ -1,5 +1,9 @@
 """Our MMIDIDX writer/reader against megatron-core 0.16.1's own IndexedDataset."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +121,14 @@ def test_merge_keeps_documents(tmp_path):
     write(tmp_path / "w", [[1]], np.int32)
     with pytest.raises(DatasetFormatError, match="different token dtypes"):
         merge_datasets([tmp_path / "a", tmp_path / "w"], tmp_path / "m2")
+
+
+def test_writer_removes_only_dead_writers_temporaries(tmp_path):
+    """A writer killed outright leaves its temporaries; the next writer at that prefix removes them, but never
+    those of a writer still running."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = tmp_path / f".x.bin.tmp-{int(dead.stdout)}", tmp_path / f".x.idx.tmp-{os.getppid()}"
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"in progress")
+    write(tmp_path / "x", [[1, 2]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "x.bin", "x.idx"]

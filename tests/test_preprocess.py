@@ -305,10 +305,14 @@ def test_killed_worker_fails_fast_names_input_and_cleans_up(tmp_path):
 
 
 def test_killed_main_process_takes_its_workers_along(tmp_path):
+    """kill -9 of the main process: no orphaned workers; its temporaries go with the next run at that prefix."""
     proc, workers, out = _start(tmp_path, "--workers", "2")
     proc.kill()
     proc.wait(timeout=10)
     assert _gone(workers, timeout=10), [w.pid for w in workers]
+    assert list(out.glob(".x.bin.tmp-*"))
+    run_tool("--input", _docs_jsonl(tmp_path / "small.jsonl", 2), "--output-prefix", out / "x")
+    assert sorted(p.name for p in out.iterdir()) == ["x.bin", "x.idx"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

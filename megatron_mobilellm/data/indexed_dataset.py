@@ -25,7 +25,7 @@ from typing import IO, Iterator
 
 import numpy as np
 
-from megatron_mobilellm.atomic import atomic_files, write_error_message
+from megatron_mobilellm.atomic import atomic_files, remove_stale_temporaries, write_error_message
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -85,6 +85,8 @@ class IndexedDatasetWriter:
         self._stack = ExitStack()
         with _writing(self.prefix.parent):
             self.prefix.parent.mkdir(parents=True, exist_ok=True)
+            for p in paths:
+                remove_stale_temporaries(p)
         with _writing(paths[0]):
             self._bin, self._idx = self._stack.enter_context(atomic_files(paths, "wb"))
         self._lengths: list[np.ndarray] = []
