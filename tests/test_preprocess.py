@@ -463,7 +463,7 @@ def run_unprivileged(*args, tool: Path = TOOL) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-@pytest.mark.parametrize("what", ["folder", "file", "output"])
+@pytest.mark.parametrize("what", ["folder", "file", "output", "glob"])
 def test_permission_denied(world_dir, what):
     """An unreadable node folder or file is reported as unreadable (not "has no .jsonl files", not skipped); an
     unwritable output folder as unwritable; both before any work."""
@@ -477,9 +477,11 @@ def test_permission_denied(world_dir, what):
         p.chmod(0o755)
     for p in [base / "1" / "a.jsonl", base / "2" / "b.jsonl"]:
         p.chmod(0o644)
-    if what == "folder":
+    spec = base
+    if what in ("folder", "glob"):
         (base / "2").chmod(0)
         expected = f"error: cannot read {base / '2'}: permission denied\n"
+        spec = base / "*" / "*.jsonl" if what == "glob" else base
     elif what == "file":
         (base / "2" / "b.jsonl").chmod(0)
         expected = f"error: cannot read {base / '2' / 'b.jsonl'}: permission denied\n"
@@ -487,7 +489,7 @@ def test_permission_denied(world_dir, what):
         out.chmod(0o755)
         expected = (f"error: cannot write: permission denied; write elsewhere or fix the folder's permissions "
                     f"({out / 'x.bin'})\n")
-    res = run_unprivileged("--no-progress", "--input", base, "--output-prefix", out / "x")
+    res = run_unprivileged("--no-progress", "--input", spec, "--output-prefix", out / "x")
     assert (res.returncode, res.stderr) == (1, expected)
     assert list(out.iterdir()) == []
 
@@ -588,3 +590,20 @@ def test_numeric_flags_are_range_checked_before_work(tmp_path, capsys, flag, val
         tool.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"), flag, value])
     assert stop.value.code != 0 and f"argument {flag}: " in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("pattern", ["*.jsonl", "*/*.jsonl", "**/*.jsonl", "**", "a/**", "[ab]*/x?.jsonl*",
+                                     "a/*", "*/b/*", "**/b", ".h*/*", "nothing/*"])
+def test_glob_matches_the_glob_module(tmp_path, monkeypatch, pattern):
+    """Input globs are expanded by our own walk (to report unreadable folders and end symlink loops); on an
+    ordinary tree it must match exactly what glob.glob(recursive=True) matches."""
+    import glob as globmodule
+
+    from megatron_mobilellm.data.preprocess import _glob
+    for f in ["top.jsonl", "a/x1.jsonl", "a/x2.jsonl.gz", "a/b/y.jsonl", "a/b/c/z.jsonl", "ab/x3.jsonl", "a/.hid.jsonl",
+              ".h/x4.jsonl", "b/b/w.txt"]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    for spec in (pattern, str(tmp_path / pattern)):
+        assert _glob(spec) == sorted({Path(m) for m in globmodule.glob(spec, recursive=True)}), spec

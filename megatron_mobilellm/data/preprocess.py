@@ -18,10 +18,11 @@ failure leaves nothing behind (see ``IndexedDatasetWriter``).
 from __future__ import annotations
 
 import ctypes
-import glob
+import fnmatch
 import gzip
 import io
 import os
+import re
 import signal
 import stat
 import sys
@@ -46,6 +47,7 @@ SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 _JSON_WS = b" \t\r\n"
 _SEPARATORS = b"," + _JSON_WS
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_MAGIC = re.compile(r"[*?[]")  # what makes a path component a glob pattern (as in the glob module)
 
 
 class BadLine(ValueError):
@@ -117,7 +119,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         if os.path.lexists(spec):
             found = _walk(Path(spec), repeats)
         else:
-            matches = sorted(glob.glob(spec, recursive=True))
+            matches = _glob(spec)
             if not matches:
                 raise PreprocessError(f"no such file, directory or glob match ({spec})")
             found = [f for m in matches for f in _walk(Path(m), repeats)]
@@ -139,26 +141,60 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _walk(root: Path, repeats: list[str]) -> list[Path]:
-    """``root`` itself unless it is a folder (or a link to one); then its jsonl files in sorted path order,
-    following symlinked folders but entering each real folder once (noting the repeats), so a symlink loop ends."""
-    if not root.is_dir():
-        return [root]
+def _glob(pattern: str) -> list[Path]:
+    """``glob.glob(pattern, recursive=True)``, sorted, except that an unreadable folder on the way is an error (glob
+    skips it without a word) and ``**`` enters each real folder once (glob follows a symlink loop ~40 deep)."""
+    parts = Path(pattern).parts
+    literal = next((i for i, part in enumerate(parts) if _MAGIC.search(part)), len(parts))
+    matches = [Path(*parts[:literal])] if literal else [Path()]
+    for i, part in enumerate(parts[literal:], literal):
+        last = i == len(parts) - 1
+        found: list[Path] = []
+        for base in matches:
+            if part == "**":  # this folder and every one below (and, last, every file below); hidden ones not
+                for folder, _, names in _walk_folders(base):
+                    if not any(p.startswith(".") for p in Path(folder).relative_to(base).parts):
+                        found += [Path(folder)] + [Path(folder, n) for n in names if last and not n.startswith(".")]
+            elif base.is_dir():
+                names = _listdir(base)
+                found += [base / n for n in names if fnmatch.fnmatchcase(n, part)
+                          and (part.startswith(".") or not n.startswith("."))
+                          and (last or (base / n).is_dir())]
+        matches = found
+    return sorted({m for m in matches if m != Path() and os.path.lexists(m)})
 
+
+def _listdir(folder: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as e:
+        raise PreprocessError(f"cannot read {folder}: {e.strerror.lower()}") from None
+
+
+def _walk_folders(root: Path, repeats: list[str] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` following symlinked folders, in sorted depth-first order, entering each real folder once (a
+    repeat is noted in ``repeats``) so a symlink loop ends; an unreadable folder is a PreprocessError."""
     def unreadable(e: OSError) -> None:
         raise PreprocessError(f"cannot read {e.filename}: {e.strerror.lower()}")
 
-    found: list[Path] = []
     entered: dict[tuple[int, int], str] = {}
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in entered:
-            repeats.append(f"{folder} is {entered[st.st_dev, st.st_ino]}")
+            if repeats is not None:
+                repeats.append(f"{folder} is {entered[st.st_dev, st.st_ino]}")
             subfolders.clear()
             continue
         entered[st.st_dev, st.st_ino] = folder
-        subfolders.sort()  # depth-first in name order: the first path to a folder is the first in sorted order
-        found += [Path(folder, n) for n in names if n.endswith(SUFFIXES)]
+        subfolders.sort()  # the first path to a folder is then the first in sorted order
+        yield folder, subfolders, sorted(names)
+
+
+def _walk(root: Path, repeats: list[str]) -> list[Path]:
+    """``root`` itself unless it is a folder (or a link to one); then its jsonl files in sorted path order."""
+    if not root.is_dir():
+        return [root]
+    found = [Path(f, n) for f, _, names in _walk_folders(root, repeats) for n in names if n.endswith(SUFFIXES)]
     if not found:
         raise PreprocessError(f"directory has no {'/'.join(SUFFIXES)} files ({root})")
     return sorted(found)
