@@ -74,7 +74,7 @@ def write_error_message(err: OSError, path: str | Path) -> str:
             errno.EACCES: "permission denied; write elsewhere or fix the folder's permissions",
             errno.EPERM: "permission denied; write elsewhere or fix the folder's permissions",
             errno.EROFS: "read-only file system; write elsewhere",
-            errno.EISDIR: "a directory is in the way; remove it or write elsewhere"}
+            errno.EISDIR: "a directory is in the way; write elsewhere"}
     what = hint.get(err.errno, (err.strerror or str(err)).lower())
     return f"cannot write: {what} ({path})"
 

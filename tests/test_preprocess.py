@@ -426,7 +426,8 @@ def test_output_path_that_is_a_folder(tmp_path, tool):
     res = subprocess.run([sys.executable, *map(str, cmd), "--output-prefix", str(tmp_path / "out" / "x")],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 1
-    assert res.stderr == f"error: cannot write: the output is a directory ({tmp_path / 'out' / 'x.bin'})\n"
+    in_the_way = tmp_path / "out" / "x.bin"
+    assert res.stderr == f"error: cannot write: a directory is in the way; write elsewhere ({in_the_way})\n"
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.bin"]
     assert (tmp_path / "out" / "x.bin" / "keep").read_text() == "user data"
 

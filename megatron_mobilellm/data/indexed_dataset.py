@@ -18,6 +18,7 @@ Files appear atomically: the writer works on temporary names and renames them on
 
 from __future__ import annotations
 
+import errno
 import struct
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -80,8 +81,8 @@ class IndexedDatasetWriter:
             raise ValueError(f"unsupported token dtype {self.dtype}")
         paths = [bin_path(prefix), idx_path(prefix)]
         for p in paths:
-            if p.is_dir():
-                raise DatasetWriteError(f"cannot write: the output is a directory ({p})")
+            if p.is_dir():  # found now, not at the final rename after all the work
+                raise DatasetWriteError(write_error_message(IsADirectoryError(errno.EISDIR, "is a directory"), p))
         self._stack = ExitStack()
         with _writing(self.prefix.parent):
             self.prefix.parent.mkdir(parents=True, exist_ok=True)
