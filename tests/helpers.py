@@ -47,6 +47,18 @@ def require_tools(*tools: str) -> None:
     require(not missing, f"needs {' and '.join(missing)}, not installed")
 
 
+def fake_slurm(bin_dir: Path, submitted: str = "") -> None:
+    """Stand-ins to put on PATH: ``scontrol`` expanding a three-node list (gpu-a..c) and naming the submitted
+    script as SLURM does, and a ``deepspeed`` that writes where and with what it was started to $LAUNCH_RECORD."""
+    bin_dir.mkdir()
+    scontrol = ("#!/bin/sh\ncase \"$2\" in\n  hostnames) printf 'gpu-a\\ngpu-b\\ngpu-c\\n' ;;\n"
+                f"  job) printf '   JobId=42 JobName=mobilellm\\n   Command={submitted} 350M\\n' ;;\nesac\n")
+    deepspeed = '#!/bin/sh\npwd > "$LAUNCH_RECORD"\nprintf \'%s\\n\' "$@" >> "$LAUNCH_RECORD"\n'
+    for name, text in (("scontrol", scontrol), ("deepspeed", deepspeed)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

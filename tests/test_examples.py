@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, env
+from helpers import ROOT, env, fake_slurm
 from megatron_mobilellm.training.arguments import parse_args
 
 
@@ -46,18 +46,6 @@ def test_multi_node_recipe_scales_lr_linearly():
     assert cmd[1:5] == ["--hostfile", str(ROOT / "examples" / "hostfile"), "--master_addr", "node-1"]
     args = parse_args(trainer_args(cmd))
     assert args.global_batch_size == 4 * 8 * 32 and args.lr == pytest.approx(2e-3)
-
-
-def fake_slurm(bin_dir: Path, submitted: str) -> None:
-    """Stand-ins on PATH: ``scontrol`` expanding the node list and naming the submitted script as SLURM does, and a
-    ``deepspeed`` that records where and with what it was started instead of launching."""
-    bin_dir.mkdir()
-    scontrol = ("#!/bin/sh\ncase \"$2\" in\n  hostnames) printf 'gpu-a\\ngpu-b\\ngpu-c\\n' ;;\n"
-                f"  job) printf '   JobId=42 JobName=mobilellm\\n   Command={submitted} 350M\\n' ;;\nesac\n")
-    deepspeed = '#!/bin/sh\npwd > "$LAUNCH_RECORD"\nprintf \'%s\\n\' "$@" >> "$LAUNCH_RECORD"\n'
-    for name, text in (("scontrol", scontrol), ("deepspeed", deepspeed)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
 
 
 @pytest.mark.parametrize("how", ["in_place", "spooled_submit_dir", "spooled_absolute_path"])
