@@ -109,7 +109,7 @@ def check_deepspeed(args: list[str], checked: Checked) -> None:
     ns = run_parser(lambda: parse_args(args), ["deepspeed", *args], checked)
     if ns.module:
         check_python(["-m", ns.user_script, *ns.user_args], checked)
-    elif ns.user_script != "...":  # "..." stands for the trainer command in prose
+    else:
         check_python([ns.user_script, *ns.user_args], checked)
 
 
