@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import socket
@@ -57,6 +58,14 @@ def fake_slurm(bin_dir: Path, submitted: str = "") -> None:
     for name, text in (("scontrol", scontrol), ("deepspeed", deepspeed)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+
+
+def setup_keyword(name: str):
+    """A literal argument of setup.py's ``setup()`` call, read from its source (running setup.py under pytest
+    clashes with the distutils that imported libraries have already loaded)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    return ast.literal_eval(next(k.value for k in call.keywords if k.arg == name))
 
 
 def free_port() -> int:

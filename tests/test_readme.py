@@ -7,7 +7,6 @@ parsers, and every repository path a command names must exist."""
 from __future__ import annotations
 
 import argparse
-import ast
 import io
 import os
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, fake_slurm
+from helpers import ROOT, fake_slurm, setup_keyword
 
 README = ROOT / "README.md"
 PROGRAMS = {"python", "python3", "bash", "sbatch", "deepspeed", "torchrun", "lm_eval", "tensorboard", "pip"}
@@ -153,21 +152,13 @@ def check_sbatch(args: list[str], checked: Checked, tmp_path: Path) -> None:
     check_script(str(spooled), rest, slurm, checked, tmp_path)  # the job's working directory: the hostfile goes there
 
 
-def setup_extras() -> dict[str, list[str]]:
-    """setup.py's ``extras_require``, read from its source (running setuptools here would clash with the
-    distutils that imported libraries already loaded)."""
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
-    return ast.literal_eval(next(k.value for k in call.keywords if k.arg == "extras_require"))
-
-
 def check_pip(args: list[str]) -> None:
     from pip._internal.commands import create_command
 
     options, requirements = create_command(args[0]).parse_args(args[1:])
     for editable in options.editables:
         extras = re.fullmatch(r"\.(?:\[(.*)\])?", editable)[1] or ""
-        unknown = {e for e in extras.split(",") if e} - set(setup_extras())
+        unknown = {e for e in extras.split(",") if e} - set(setup_keyword("extras_require"))
         assert not unknown, f"setup.py has no extra {sorted(unknown)}"
     for req in requirements:  # a pinned torch must be the one CI installs
         assert req in (ROOT / ".ci" / "run").read_text(), f"{req} is not what .ci/run installs"
