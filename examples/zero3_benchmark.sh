@@ -3,7 +3,8 @@
 #   bash examples/zero3_benchmark.sh
 # 1. check: fp32, same seed and data, ZeRO-2 vs ZeRO-3 (ds_configs/zero3.json as shipped), tied and untied
 #    embeddings, on 1 GPU and on $GPUS: losses and gradient norms of every iteration must agree to $RTOL
-#    (tools/compare_losses.py). The runs are independent and untimed, so they run side by side.
+#    (tools/compare_losses.py), and ZeRO-2 on 1 vs $GPUS GPUs is printed beside them as the round-off reference.
+#    The runs are independent and untimed, so they run side by side.
 # 2. speed: the benchmark's full training step (bf16) for every preset:micro-batch in $SPEED, on each process count
 #    in $NPROCS, for every DeepSpeed config[:compile scope] in $CONFIGS, each in its own fresh process, one at a
 #    time; tools/zero_stage_table.py then sets each ZeRO-3 row against ZeRO-2 with the same shape and compile mode.
@@ -65,6 +66,10 @@ case " $STAGES " in *" check "*)
       python tools/compare_losses.py "$OUT/check/${tie}_${nproc}gpu_zero2/tb" "$OUT/check/${tie}_${nproc}gpu_zero3/tb" \
         --tag train/loss --tag train/grad_norm --rtol "$RTOL" 2>&1 | tee -a "$OUT/check.txt" || failed=1
     done
+    # The noise floor: the same stage on 1 and on $GPUS GPUs differs only in how gradients are summed.
+    echo "== reference, $tie: ZeRO-2 on 1 GPU (a) vs on $GPUS GPUs (b), fp32" | tee -a "$OUT/check.txt"
+    python tools/compare_losses.py "$OUT/check/${tie}_1gpu_zero2/tb" "$OUT/check/${tie}_${GPUS}gpu_zero2/tb" \
+      --tag train/loss --tag train/grad_norm | tee -a "$OUT/check.txt"
   done ;;
 esac
 
