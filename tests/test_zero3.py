@@ -50,6 +50,19 @@ def test_zero3_matches_zero2(corpus, zero3_partitioned, tmp_path, untie):
     assert zero2["train/loss"][ITERS] < zero2["train/loss"][1] - 0.3  # it trained, so the weights did move
 
 
+def test_zero3_config_leaf_modules_name_our_block():
+    """The shipped config fetches whole blocks only while its class names match the model's (a rename would
+    silently fall back to per-Linear fetching)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from megatron_mobilellm.config import get_config
+    from megatron_mobilellm.model import MobileLLM
+
+    classes = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())["zero_optimization"]["leaf_module"]["classes"]
+    model = MobileLLM(get_config("tiny"))
+    assert set_z3_leaf_modules(model, classes) == list(model.decoder.layers)
+
+
 def write_curve(tb_dir, values: dict[str, list[float]]) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
