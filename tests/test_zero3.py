@@ -12,14 +12,10 @@ import sys
 
 import pytest
 
-from helpers import ROOT, make_corpus, read_scalars, run_pretrain, tiny_args
+from helpers import ROOT, read_scalars, run_pretrain, tiny_args
 
+CORPUS_DOCS = 120
 ITERS = 12
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("data") / "corpus", num_docs=120)
 
 
 @pytest.fixture(scope="module")
