@@ -44,10 +44,15 @@ def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+def tag_iteration(tag: str) -> int:
+    return int(tag.split("_", 1)[1])
+
+
 def iteration_tags(save_dir: Path) -> list[str]:
-    """The ``iter_N`` tags in ``save_dir``, newest first (complete or not)."""
+    """The ``iter_N`` tags in ``save_dir``, highest iteration first (complete or not); ranked by number, not name,
+    so a tag past ``iter_9999999`` still sorts right."""
     return sorted((p.name for p in save_dir.glob("iter_*") if p.is_dir() and re.fullmatch(r"iter_\d+", p.name)),
-                  reverse=True)
+                  key=tag_iteration, reverse=True)
 
 
 def has_checkpoint(checkpoint_dir: str | Path) -> bool:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron_mobilellm.data.builder import build_datasets, check_data_args
 from megatron_mobilellm.errors import CheckpointError, ConfigError, DatasetFormatError
 from megatron_mobilellm.training.arguments import data_parallel_checks, parse_args, run_config
-from megatron_mobilellm.training.checkpointing import (TrainState, initial_weights, load_checkpoint, plan_resume,
+from megatron_mobilellm.training.checkpointing import (TrainState, decide_resume, initial_weights, load_checkpoint,
                                                        prepare_universal)
 from megatron_mobilellm.training.distributed import init_distributed, rank0_print
 from megatron_mobilellm.training.ds_config import build_ds_config
@@ -62,12 +62,12 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     ds_config = build_ds_config(args.deepspeed_config, args.micro_batch_size, accum, world, args.clip_grad, bf16)
     check_cuda_graphs(args.cuda_graphs, ds_config, args.deepspeed_config)
     run = run_config(args)
-    plan = plan_resume(args.load, world, rank0_print) if args.load and not args.finetune else None
+
+    # Build: process group, the resume decision, data, engine, and the state to continue from.
+    device = init_distributed()
+    plan = decide_resume(args.load, args.save, args.finetune, args.override_invalid_checkpoints, rank0_print)
     if plan and plan.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-
-    # Build: process group, data, engine, and the state to continue from.
-    device = init_distributed()
     datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, requested_samples(args),
                               args.data_cache_path)
     if datasets["valid"] is not None and len(datasets["valid"]) < args.eval_iters * args.global_batch_size:

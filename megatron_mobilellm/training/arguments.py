@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, help="resume from the newest checkpoint here, if any")
     g.add_argument("--finetune", action="store_true",
                    help="take only the weights from --load; start at iteration 0 with a fresh optimizer")
+    g.add_argument("--override-invalid-checkpoints", action="store_true",
+                   help="when no checkpoint in --load is complete, start from scratch instead of stopping (the "
+                        "invalid tags are set aside, not deleted)")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)

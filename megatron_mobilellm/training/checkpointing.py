@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -22,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_mobilellm.atomic import atomic_directory
-from megatron_mobilellm.checkpoint_layout import (MODEL_CONFIG_FILE, is_imported, iteration_tags, latest_tag,
-                                                  read_checkpoint, read_imported_weights, read_manifest, tag_for,
-                                                  verify_manifest, write_latest, write_manifest)
+from megatron_mobilellm.checkpoint_layout import (LATEST, MODEL_CONFIG_FILE, has_checkpoint, is_imported,
+                                                  iteration_tags, latest_tag, read_checkpoint, read_imported_weights,
+                                                  read_manifest, tag_for, tag_iteration, verify_manifest,
+                                                  write_latest, write_manifest)
 from megatron_mobilellm.config import ModelConfig
-from megatron_mobilellm.errors import ConfigError
+from megatron_mobilellm.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -72,11 +74,18 @@ def _test_save_delay(iteration: int) -> None:
         time.sleep(float(spec.split(":")[1]))
 
 
-def _prune(save_dir: Path, keep_last: int | None) -> None:
-    complete = [t for t in iteration_tags(save_dir) if verify_manifest(save_dir / t) is None]
-    for tag in complete[keep_last:] if keep_last else []:
-        shutil.rmtree(save_dir / tag, ignore_errors=True)
-        shutil.rmtree(save_dir / f"{tag}_universal", ignore_errors=True)
+def _prune(save_dir: Path, keep_last: int | None, saved: str) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints up to the one just saved, ranked by iteration; never the
+    tag ``latest`` names or the one just saved."""
+    if not keep_last:
+        return
+    protected = {saved, latest_tag(save_dir)}
+    complete = [t for t in iteration_tags(save_dir)
+                if tag_iteration(t) <= tag_iteration(saved) and verify_manifest(save_dir / t) is None]
+    for tag in complete[keep_last:]:
+        if tag not in protected:
+            shutil.rmtree(save_dir / tag, ignore_errors=True)
+            shutil.rmtree(save_dir / f"{tag}_universal", ignore_errors=True)
 
 
 def save_checkpoint(engine, save_dir: str, state: TrainState, cfg: ModelConfig, cli_args: dict,
@@ -102,7 +111,7 @@ def save_checkpoint(engine, save_dir: str, state: TrainState, cfg: ModelConfig, 
     if rank == 0:
         write_manifest(tag_dir, state.iteration, dist.get_world_size(), engine.zero_optimization_stage())
         write_latest(save_dir, tag)
-        _prune(Path(save_dir), keep_last)
+        _prune(Path(save_dir), keep_last, tag)
     dist.barrier()
     return str(tag_dir)
 
@@ -118,22 +127,104 @@ class ResumePlan:
         return f"{self.tag}_universal" if self.universal else self.tag
 
 
-def plan_resume(load_dir: str, world_size: int, log=print) -> ResumePlan | None:
-    """The newest complete checkpoint in ``load_dir`` (``latest`` first, then older ones, warning about each
-    incomplete one), or None for a fresh start."""
+def plan_resume(load_dir: str, world_size: int, start_over: bool = False, log=print) -> ResumePlan | None:
+    """The newest complete checkpoint in ``load_dir``: the one ``latest`` names, else the newest complete one older
+    than it (warning about each skipped one); tags newer than ``latest`` (a rolled-back ``latest``) are never
+    candidates. None for a fresh start: no tags, or none valid and ``start_over``; else none valid is an error."""
     d = Path(load_dir)
     if not d.is_dir():
         return None
     latest = latest_tag(d)
-    candidates = ([latest] if latest else []) + [t for t in iteration_tags(d) if t != latest]
+    older = [t for t in iteration_tags(d) if latest is None or (t != latest and _older(t, latest))]
+    candidates = ([latest] if latest else []) + older
+    reasons = []
     for tag in candidates:
-        reason = verify_manifest(d / tag)
+        reason = verify_manifest(d / tag) if (d / tag).is_dir() else "no such tag directory"
         if reason is None:
             manifest = read_manifest(d / tag)
             universal = manifest["world_size"] != world_size and manifest["zero_stage"] > 0
             return ResumePlan(tag, manifest, universal)
         log(f"warning: skipping checkpoint {d / tag}: {reason}; falling back to an older one")
+        reasons.append(f"{tag}: {reason}")
+    if reasons and not start_over:
+        raise CheckpointError(f"--load {load_dir}: no checkpoint there is complete ({'; '.join(reasons)}); repair "
+                              f"one, point --load elsewhere, or pass --override-invalid-checkpoints to start from "
+                              f"scratch (nothing is deleted)")
+    if reasons:
+        log(f"warning: no complete checkpoint in {load_dir}; starting from scratch (--override-invalid-checkpoints)")
     return None
+
+
+def _older(tag: str, latest: str) -> bool:
+    return not re.fullmatch(r"iter_\d+", latest) or tag_iteration(tag) < tag_iteration(latest)
+
+
+def set_aside_newer(save_dir: str, start: int, keep: str | None, log=print) -> None:
+    """Rename (never delete, never resume) the tags in ``save_dir`` at or past the iteration this run starts from,
+    other than ``keep`` (the one resumed): the abandoned future of a rolled-back ``latest``, or the tags of a run
+    started over. This run's saves then never collide with them, and retention never counts them."""
+    d = Path(save_dir)
+    if not d.is_dir():
+        return
+    latest = latest_tag(d)
+    for tag in iteration_tags(d):
+        if tag_iteration(tag) < start or tag == keep:
+            continue
+        names = (tag, f"{tag}_universal") + ((LATEST,) if tag == latest else ())
+        n = 1
+        while any((d / f"{name}.set-aside-{n}").exists() for name in names):
+            n += 1
+        for name in names:
+            if (d / name).exists():
+                (d / name).rename(d / f"{name}.set-aside-{n}")
+        log(f"warning: set aside {d / tag} as {tag}.set-aside-{n} (at or past iteration {start}, where this run "
+            f"starts); rename it back to use it")
+
+
+def decide_resume(load_dir: str | None, save_dir: str | None, finetune: bool, start_over: bool,
+                  log=print) -> ResumePlan | None:
+    """One resume decision for every rank: rank 0 plans (reads ``latest``, validates, sets aside newer tags in
+    ``save_dir``) and broadcasts; each rank then checks that it sees the same checkpoint. A failure anywhere is
+    raised on every rank, so no rank waits on a collective the others never reach."""
+    world = dist.get_world_size()
+    decision: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            plan = plan_resume(load_dir, world, start_over, log) if load_dir and not finetune else None
+            if finetune and save_dir and has_checkpoint(save_dir) and _same_dir(save_dir, load_dir):
+                raise ConfigError(f"--finetune with --save {save_dir} = --load would mix two runs' checkpoints; "
+                                  f"save the fine-tuned run elsewhere")
+            if save_dir:
+                same = plan is not None and _same_dir(save_dir, load_dir)
+                set_aside_newer(save_dir, plan.manifest["iteration"] if plan else 0, plan.tag if same else None, log)
+            decision = [{"plan": asdict(plan) if plan else None}]
+        except (CheckpointError, ConfigError, OSError) as e:
+            decision = [{"error": str(e)}]
+    dist.broadcast_object_list(decision, src=0)
+    if "error" in decision[0]:
+        raise CheckpointError(decision[0]["error"])
+    plan = ResumePlan(**decision[0]["plan"]) if decision[0]["plan"] else None
+    mine = None
+    if plan is not None:
+        reason = verify_manifest(Path(load_dir) / plan.tag)
+        if reason is None and read_manifest(Path(load_dir) / plan.tag) != plan.manifest:
+            reason = "its manifest differs from rank 0's"
+        mine = f"rank {dist.get_rank()} cannot follow rank 0's resume from {plan.tag}: {reason}" if reason else None
+    _raise_if_any_rank(mine)
+    return plan
+
+
+def _same_dir(a: str, b: str | None) -> bool:
+    return b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def _raise_if_any_rank(problem: str | None) -> None:
+    """Raise on every rank when any rank reports a problem (an all-gather, so nobody is left waiting)."""
+    problems: list = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p]
+    if found:
+        raise CheckpointError("; ".join(found))
 
 
 def prepare_universal(load_dir: str, plan: ResumePlan) -> None:
@@ -162,7 +253,12 @@ def load_checkpoint(engine, load_dir: str, cfg: ModelConfig, plan: ResumePlan) -
     rng_file = Path(load_dir) / plan.load_tag / f"rng_state_rank{dist.get_rank()}.pt"
     if rng_file.is_file():  # absent for ranks that did not exist in the saving run
         set_rng_state(torch.load(rng_file, weights_only=True))
-    return TrainState(**client["train_state"])
+    state = TrainState(**client["train_state"])
+    iterations: list = [None] * dist.get_world_size()
+    dist.all_gather_object(iterations, state.iteration)
+    _raise_if_any_rank(None if len(set(iterations)) == 1 else
+                       f"--load {load_dir}: ranks resumed at different iterations {iterations} from {plan.load_tag}")
+    return state
 
 
 def initial_weights(load_dir: str, cfg: ModelConfig, finetune: bool) -> dict[str, torch.Tensor] | None:

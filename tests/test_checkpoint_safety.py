@@ -1,0 +1,106 @@
+"""Checkpoint safety under mistakes: a rolled-back ``latest``, retention, every tag invalid, and ranks that could
+disagree about what to resume. Nothing the user saved is deleted or silently resumed past."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import run_pretrain, tiny_args
+from megatron_mobilellm.checkpoint_layout import iteration_tags, write_latest, write_manifest
+from megatron_mobilellm.errors import CheckpointError
+from megatron_mobilellm.training.checkpointing import _prune, plan_resume, set_aside_newer
+
+CORPUS_DOCS = 120
+
+
+def fake_tag(save: Path, iteration: int, complete: bool = True) -> str:
+    tag = f"iter_{iteration:07d}"
+    (save / tag).mkdir(parents=True)
+    (save / tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * iteration)
+    if complete:
+        write_manifest(save / tag, iteration, 1, 0)
+    return tag
+
+
+def test_tags_rank_by_iteration_not_name(tmp_path):
+    for it in (9_999_999, 10_000_000, 5):
+        fake_tag(tmp_path, it)
+    assert iteration_tags(tmp_path) == ["iter_10000000", "iter_9999999", "iter_0000005"]
+
+
+def test_retention_after_rollback_keeps_latest_and_the_new_save(tmp_path):
+    for it in (10, 20, 30):
+        fake_tag(tmp_path, it)
+    write_latest(tmp_path, "iter_0000010")  # the user rolls back
+    plan = plan_resume(str(tmp_path), 1)
+    assert plan.tag == "iter_0000010"
+    set_aside_newer(str(tmp_path), 10, plan.tag, log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000010", "iter_0000020.set-aside-1", "iter_0000030.set-aside-1", "latest"]
+    fake_tag(tmp_path, 20)  # the resumed run saves again at 20
+    _prune(tmp_path, 1, "iter_0000020")  # latest still names 10 (e.g. a commit interrupted here): both survive
+    assert {"iter_0000010", "iter_0000020"} <= {p.name for p in tmp_path.iterdir()}
+    write_latest(tmp_path, "iter_0000020")
+    _prune(tmp_path, 1, "iter_0000020")
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == [
+        "iter_0000020", "iter_0000020.set-aside-1", "iter_0000030.set-aside-1"]
+
+
+def test_rolled_back_latest_never_falls_forward(tmp_path):
+    fake_tag(tmp_path, 10)
+    fake_tag(tmp_path, 20, complete=False)
+    fake_tag(tmp_path, 30)  # newer than latest: abandoned, not a fallback
+    write_latest(tmp_path, "iter_0000020")
+    assert plan_resume(str(tmp_path), 1, log=lambda _: None).tag == "iter_0000010"
+
+
+def test_no_valid_tag_is_an_error_listing_each(tmp_path):
+    fake_tag(tmp_path, 10, complete=False)
+    fake_tag(tmp_path, 20)
+    (tmp_path / "iter_0000020" / "mp_rank_00_model_states.pt").write_bytes(b"short")
+    write_latest(tmp_path, "iter_0000020")
+    with pytest.raises(CheckpointError) as e:
+        plan_resume(str(tmp_path), 1, log=lambda _: None)
+    assert "iter_0000020: mp_rank_00_model_states.pt has 5 bytes, the manifest says 20" in str(e.value)
+    assert "iter_0000010: no manifest" in str(e.value) and "--override-invalid-checkpoints" in str(e.value)
+    assert plan_resume(str(tmp_path), 1, start_over=True, log=lambda _: None) is None
+
+
+def common(corpus, work, save, **kw):
+    return tiny_args(corpus, work, iters=20, zero=1, **{"--save": save, "--load": save, "--save-interval": 10,
+                                                        "--eval-iters": 0, "--log-interval": 5, **kw})
+
+
+def test_rollback_resume_sets_aside_newer_tags(corpus, tmp_path):
+    save = tmp_path / "ckpt"
+    run_pretrain(common(corpus, tmp_path, save, **{"--train-iters": 30}))
+    write_latest(save, "iter_0000010")
+    res = run_pretrain(common(corpus, tmp_path, save, **{"--keep-last": 1}))
+    assert "resumed from" in res.stdout and "at iteration 10" in res.stdout
+    assert "set aside" in res.stdout
+    assert sorted(p.name for p in save.glob("iter_*")) == [
+        "iter_0000020", "iter_0000020.set-aside-1", "iter_0000030.set-aside-1"]
+    assert (save / "latest").read_text() == "iter_0000020"
+    assert json.loads((save / "iter_0000030.set-aside-1" / "manifest.json").read_text())["iteration"] == 30
+
+
+def test_all_tags_invalid_stops_unless_told_to_start_over(corpus, tmp_path):
+    save = tmp_path / "ckpt"
+    run_pretrain(common(corpus, tmp_path, save))
+    (save / "iter_0000010" / "manifest.json").unlink()
+    shard = sorted((save / "iter_0000020").glob("*optim_states.pt"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    before = {p: p.read_bytes() for p in save.rglob("*") if p.is_file()}
+    res = run_pretrain(common(corpus, tmp_path, save), check=False)
+    assert res.returncode == 1 and "iteration" not in res.stdout.replace("at iteration", "")
+    error = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "iter_0000010: no manifest" in error[0] and "iter_0000020: " in error[0]
+    assert {p: p.read_bytes() for p in save.rglob("*") if p.is_file()} == before
+    res = run_pretrain(common(corpus, tmp_path, save, **{"--override-invalid-checkpoints": ""}))
+    assert "starting from scratch" in res.stdout and "done: 20 iterations" in res.stdout
+    for path, data in before.items():  # nothing deleted: every old file is still there, under a set-aside name
+        first, *rest = path.relative_to(save).parts
+        if rest or first == "latest":  # (DeepSpeed rewrites its zero_to_fp32.py helpers beside the tags)
+            assert save.joinpath(f"{first}.set-aside-1", *rest).read_bytes() == data, path
+    assert (save / "latest").read_text() == "iter_0000020"
