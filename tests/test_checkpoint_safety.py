@@ -2,6 +2,8 @@
 disagree about what to resume. Nothing the user saved is deleted or silently resumed past."""
 
 import json
+import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,27 @@ def test_all_tags_invalid_stops_unless_told_to_start_over(corpus, tmp_path):
         if rest or first == "latest":  # (DeepSpeed rewrites its zero_to_fp32.py helpers beside the tags)
             assert save.joinpath(f"{first}.set-aside-1", *rest).read_bytes() == data, path
     assert (save / "latest").read_text() == "iter_0000020"
+
+
+def test_ranks_follow_rank_zeros_resume_decision_while_latest_changes(corpus, tmp_path):
+    """A leftover run rewriting ``latest`` while two ranks start: they must resume the same tag (each rank reading
+    ``latest`` itself could resume different iterations and hang at the end)."""
+    load = tmp_path / "ckpt"
+    run_pretrain(common(corpus, tmp_path, load, **{"--save-interval": 5, "--train-iters": 10}), nproc=2)
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            for tag in ("iter_0000005", "iter_0000010"):
+                write_latest(load, tag)
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    try:
+        res = run_pretrain(common(corpus, tmp_path, tmp_path / "out", **{"--load": load, "--train-iters": 12}),
+                           nproc=2, timeout=300)
+    finally:
+        stop.set()
+        flipper.join()
+    resumed = re.search(r"resumed from \S+ at iteration (\d+)", res.stdout)
+    assert resumed and resumed[1] in ("5", "10") and "done: 12 iterations" in res.stdout
