@@ -2,13 +2,17 @@
 disagree about what to resume. Nothing the user saved is deleted or silently resumed past."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import re
 import threading
 from pathlib import Path
 
 import pytest
 
-from helpers import run_pretrain, tiny_args
+from helpers import env, free_port, run_pretrain, tiny_args
 from megatron_mobilellm.checkpoint_layout import iteration_tags, write_latest, write_manifest
 from megatron_mobilellm.errors import CheckpointError
 from megatron_mobilellm.training.checkpointing import _prune, plan_resume, set_aside_newer
@@ -130,3 +134,35 @@ def test_ranks_follow_rank_zeros_resume_decision_while_latest_changes(corpus, tm
         flipper.join()
     resumed = re.search(r"resumed from \S+ at iteration (\d+)", res.stdout)
     assert resumed and resumed[1] in ("5", "10") and "done: 12 iterations" in res.stdout
+
+
+def test_terminating_the_deepspeed_launcher_saves_and_stops_the_ranks(corpus, tmp_path):
+    """``kill -TERM`` of ``deepspeed`` (``docker stop``, a scheduler) ends only that process; its ranks notice the
+    launcher is gone, save at the current iteration and exit instead of training on unsaved."""
+    save = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "megatron_mobilellm.pretrain",
+           *common(corpus, tmp_path, save, **{"--train-iters": 1000, "--save-interval": 1000, "--log-interval": 1})]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+                            cwd=tmp_path, start_new_session=True)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "iteration        3/" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        watchdog = threading.Timer(240, os.killpg, (proc.pid, signal.SIGKILL))
+        watchdog.start()
+        seen += list(proc.stdout)  # EOF: every rank (and DeepSpeed's per-node launcher) has exited
+        watchdog.cancel()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(seen)
+    stopped = re.search(r"exiting at iteration (\d+) after a stop signal( \(launcher pid \d+ exited\)| on another rank)",
+                        out)  # rank 0 may notice second and hear it from rank 1
+    assert stopped and int(stopped[1]) < 100, out[-3000:]
+    assert (save / "latest").read_text() == f"iter_{int(stopped[1]):07d}"
+    assert (save / f"iter_{int(stopped[1]):07d}" / "manifest.json").is_file()

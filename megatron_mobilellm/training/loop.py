@@ -19,6 +19,7 @@ from megatron_mobilellm.training.checkpointing import TrainState, save_checkpoin
 from megatron_mobilellm.training.config import RunConfig
 from megatron_mobilellm.training.distributed import all_ranks_mean, any_rank
 from megatron_mobilellm.training.guard import BadStepPolicy
+from megatron_mobilellm.training.launcher import watch_launcher
 from megatron_mobilellm.training.metrics import MetricsWriter, Throughput, flops_per_token, max_memory_gib, perplexity
 
 
@@ -27,15 +28,20 @@ class TrainingStopped(RuntimeError):
 
 
 class StopSignal:
-    """SIGTERM/SIGUSR1 (what SLURM sends before a preemption or the time limit) ask for a save and a clean exit."""
+    """SIGTERM/SIGUSR1 (what SLURM sends before a preemption or the time limit) ask for a save and a clean exit; so
+    does the death of the launcher (``kill -TERM`` of ``deepspeed`` does not reach the ranks)."""
 
     def __init__(self) -> None:
         self.received: str | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        watch_launcher(self._launcher_died)
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+
+    def _launcher_died(self, reason: str) -> None:
+        self.received = self.received or reason
 
 
 @dataclass
