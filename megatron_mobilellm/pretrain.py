@@ -25,8 +25,8 @@ import torch.distributed as dist
 from megatron_mobilellm.data.builder import build_datasets, check_data_args
 from megatron_mobilellm.errors import CheckpointError, ConfigError, DatasetFormatError
 from megatron_mobilellm.training.arguments import data_parallel_checks, parse_args, run_config
-from megatron_mobilellm.training.checkpointing import (TrainState, decide_resume, initial_weights, load_checkpoint,
-                                                       prepare_universal)
+from megatron_mobilellm.training.checkpointing import (TrainState, check_save_dir, decide_resume, initial_weights,
+                                                       load_checkpoint, prepare_universal)
 from megatron_mobilellm.training.distributed import init_distributed, rank0_print
 from megatron_mobilellm.training.ds_config import build_ds_config
 from megatron_mobilellm.training.engine import build_engine, check_cuda_graphs
@@ -62,6 +62,8 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     ds_config = build_ds_config(args.deepspeed_config, args.micro_batch_size, accum, world, args.clip_grad, bf16)
     check_cuda_graphs(args.cuda_graphs, ds_config, args.deepspeed_config)
     run = run_config(args)
+    if args.save:
+        check_save_dir(args.save)
 
     # Build: process group, the resume decision, data, engine, and the state to continue from.
     device = init_distributed()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import env, free_port, run_pretrain, tiny_args
+from helpers import ROOT, env, free_port, require, require_tools, run_pretrain, tiny_args
 from megatron_mobilellm.checkpoint_layout import iteration_tags, write_latest, write_manifest
 from megatron_mobilellm.errors import CheckpointError
 from megatron_mobilellm.training.checkpointing import _prune, plan_resume, set_aside_newer
@@ -166,3 +166,27 @@ def test_terminating_the_deepspeed_launcher_saves_and_stops_the_ranks(corpus, tm
     assert stopped and int(stopped[1]) < 100, out[-3000:]
     assert (save / "latest").read_text() == f"iter_{int(stopped[1]):07d}"
     assert (save / f"iter_{int(stopped[1]):07d}" / "manifest.json").is_file()
+
+
+def in_small_tmpfs(mount: Path, options: str, cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with a tmpfs of ``options`` mounted at ``mount`` (a private mount namespace, no root needed),
+    then list what is left on it (the mount ends with the namespace)."""
+    require_tools("unshare")
+    mount.mkdir()
+    script = 'mount -t tmpfs -o "$1" tmpfs "$0" || exit 99; shift; "$@"; rc=$?; echo "left: $(cd "$0" && find . -mindepth 1)"; exit $rc'
+    res = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(mount), options, *cmd], capture_output=True,
+                         text=True, env=env(), timeout=600, cwd=ROOT)
+    require(res.returncode != 99, f"cannot mount a tmpfs in a user namespace ({res.stderr.strip()[-200:]})")
+    return res
+
+
+@pytest.mark.parametrize("options,message", [("size=1m", "No space left on device"),
+                                             ("ro", "not writable (read-only file system")])
+def test_disk_full_or_read_only_save_is_one_line_and_leaves_nothing(corpus, tmp_path, options, message):
+    save = tmp_path / "mnt" / "ckpt"
+    res = in_small_tmpfs(tmp_path / "mnt", options, [sys.executable, "-m", "megatron_mobilellm.pretrain",
+                                                     *common(corpus, tmp_path, save, **{"--train-iters": 10})])
+    error = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 1 and len(error) == 1 and message in error[0] and str(save) in error[0], res.stderr
+    left = res.stdout.split("left: ")[-1].split()
+    assert not [p for p in left if "iter_" in p or "latest" in p], left  # the partial tag is gone

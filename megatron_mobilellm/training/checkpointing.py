@@ -8,6 +8,7 @@ the weights and starts at iteration 0 with a fresh optimizer, as does ``--finetu
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -88,26 +89,78 @@ def _prune(save_dir: Path, keep_last: int | None, saved: str) -> None:
             shutil.rmtree(save_dir / f"{tag}_universal", ignore_errors=True)
 
 
+def check_save_dir(save_dir: str) -> None:
+    """Fail at start-up, not at the first save hours later, when ``--save`` cannot be written (read-only mount,
+    permissions, a file in the way). Nothing is created: the nearest existing folder must accept new entries."""
+    path = Path(save_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--save {save_dir} exists and is not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(existing) else "permission denied"
+        raise ConfigError(f"--save {save_dir} is not writable ({reason} at {existing})")
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _write_failure(e: Exception, tag_dir: Path) -> str | None:
+    """A one-line cause for a failed save, when it is the disk's (full, read-only, not permitted), else None.
+    torch's C++ writer reports these only as ``basic_ios::clear: iostream error``, so without an errno the
+    filesystem is asked."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and tag_dir.parent.exists():
+        if _read_only(tag_dir.parent):
+            code = errno.EROFS
+        elif shutil.disk_usage(tag_dir.parent).free < 1 << 20:
+            code = errno.ENOSPC
+        elif not os.access(tag_dir.parent, os.W_OK):
+            code = errno.EACCES
+    if code not in WRITE_ERRNOS:
+        return None
+    return f"cannot save checkpoint {tag_dir}: {os.strerror(code)}"
+
+
 def save_checkpoint(engine, save_dir: str, state: TrainState, cfg: ModelConfig, cli_args: dict,
                     keep_last: int | None) -> str:
     """Save, then commit: ``manifest.json`` and ``latest`` are written by rank 0 only after every rank finished, so
-    an interrupted save is never what ``--load`` picks. ``keep_last`` prunes older complete checkpoints."""
+    an interrupted save is never what ``--load`` picks. ``keep_last`` prunes older complete checkpoints. A save
+    that fails for want of disk space or permission removes what it wrote and stops every rank with one line."""
     tag = tag_for(state.iteration)
     rank = dist.get_rank()
     tag_dir = Path(save_dir) / tag
     if rank == 0 and tag_dir.exists() and verify_manifest(tag_dir) is not None:
         shutil.rmtree(tag_dir)  # leftovers of an interrupted save of the same iteration
+    fresh = not tag_dir.exists()
     dist.barrier()
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(_to_weights_only(rng_state()), tag_dir / f"rng_state_rank{rank}.pt")
-    if rank == 0:
-        cfg.save(tag_dir / MODEL_CONFIG_FILE)
-    client = {"train_state": asdict(state), "model_config": cfg.to_dict(), "args": cli_args,
-              # lets deepspeed.checkpoint.ds_to_universal reshape it for another data-parallel size
-              "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
-    _test_save_delay(state.iteration)
-    dist.barrier()
+    problem = None
+    try:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(_to_weights_only(rng_state()), tag_dir / f"rng_state_rank{rank}.pt")
+        if rank == 0:
+            cfg.save(tag_dir / MODEL_CONFIG_FILE)
+        client = {"train_state": asdict(state), "model_config": cfg.to_dict(), "args": cli_args,
+                  # lets deepspeed.checkpoint.ds_to_universal reshape it for another data-parallel size
+                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
+        _test_save_delay(state.iteration)
+    except Exception as e:
+        problem = _write_failure(e, tag_dir)
+        if problem is None:
+            raise
+    problems: list = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    if any(problems):
+        if rank == 0 and fresh:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        latest = latest_tag(save_dir)
+        raise CheckpointError(f"{next(p for p in problems if p)}; removed the partial {tag} — free space or fix "
+                              f"permissions on {save_dir} (or point --save elsewhere) and relaunch; "
+                              + (f"it resumes from {latest}" if latest else "no earlier checkpoint is committed"))
     if rank == 0:
         write_manifest(tag_dir, state.iteration, dist.get_world_size(), engine.zero_optimization_stage())
         write_latest(save_dir, tag)
