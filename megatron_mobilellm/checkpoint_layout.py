@@ -146,11 +146,23 @@ def _load_model_states(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
-def consolidate(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of the model at ``tag``."""
+def _zero_stage(tag_dir: Path, states: dict) -> int:
+    """The ZeRO stage a tag was saved with: from our manifest, else from the DeepSpeed config DeepSpeed stores."""
+    if (tag_dir / MANIFEST).is_file():
+        return read_manifest(tag_dir)["zero_stage"]
+    return int(((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+
+
+def consolidate(checkpoint_dir: str | Path, tag: str, use_module_weights: bool = False) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the model at ``tag``: under ZeRO the fp32 masters in the optimizer files (refusing a
+    tag without them, unless ``use_module_weights`` accepts the module's, possibly bf16, copy)."""
     d = Path(checkpoint_dir)
-    if not list((d / tag).glob("*optim_states.pt")):  # ZeRO stage 0: the module file holds full weights
+    if not list((d / tag).glob("*optim_states.pt")):
         states = _load_model_states(d / tag / MODEL_STATES)
+        if _zero_stage(d / tag, states) and not use_module_weights:
+            raise CheckpointError(f"{d / tag}: a ZeRO checkpoint without its optimizer files (*optim_states.pt), "
+                                  f"which hold the fp32 master weights; restore them, or pass "
+                                  f"--use-module-weights to export the module's {_dtype_of(states)} weights")
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -163,11 +175,15 @@ def consolidate(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]
     return {k: v.float() for k, v in state.items()}
 
 
-def read_checkpoint(checkpoint_dir: str | Path, tag: str | None = None,
-                    iteration: int | None = None) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
+def _dtype_of(states: dict) -> str:
+    return str(next(iter(states["module"].values())).dtype).removeprefix("torch.")
+
+
+def read_checkpoint(checkpoint_dir: str | Path, tag: str | None = None, iteration: int | None = None,
+                    use_module_weights: bool = False) -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
     """The tag read (``latest`` unless ``tag``/``iteration`` says otherwise), its model config and fp32 weights."""
     tag = resolve_tag(checkpoint_dir, tag, iteration)
-    return tag, read_model_config(checkpoint_dir, tag), consolidate(checkpoint_dir, tag)
+    return tag, read_model_config(checkpoint_dir, tag), consolidate(checkpoint_dir, tag, use_module_weights)
 
 
 def is_imported(checkpoint_dir: str | Path) -> bool:

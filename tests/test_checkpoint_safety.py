@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import ROOT, env, free_port, require, require_tools, run_pretrain, tiny_args
 from megatron_mobilellm.checkpoint_layout import iteration_tags, write_latest, write_manifest
@@ -190,3 +191,66 @@ def test_disk_full_or_read_only_save_is_one_line_and_leaves_nothing(corpus, tmp_
     assert res.returncode == 1 and len(error) == 1 and message in error[0] and str(save) in error[0], res.stderr
     left = res.stdout.split("left: ")[-1].split()
     assert not [p for p in left if "iter_" in p or "latest" in p], left  # the partial tag is gone
+
+
+def tiny_hf(out: Path, kind: str = "llama", **overrides) -> Path:
+    import transformers
+
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                                          max_position_embeddings=64, tie_word_embeddings=True, **overrides)
+        model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind,overrides,field", [
+    ("gpt2", {}, "model_type = 'gpt2'"),
+    ("llama", {"attention_bias": True}, "attention_bias = True"),
+    ("llama", {"mlp_bias": True}, "mlp_bias = True"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_"),
+])
+def test_importer_refuses_what_it_cannot_represent(tmp_path, kind, overrides, field):
+    from megatron_mobilellm.convert.hf_format import ExportError, read_hf
+
+    hf = tiny_hf(tmp_path / "hf", kind, **overrides)
+    with pytest.raises(ExportError, match="cannot be represented") as e:
+        read_hf(hf)
+    assert field in str(e.value)
+
+
+def test_importer_refuses_tensors_it_would_drop(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from megatron_mobilellm.convert.hf_format import read_hf
+
+    hf = tiny_hf(tmp_path / "hf")
+    read_hf(hf)  # a plain Llama imports
+    tensors = load_file(hf / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)  # a bias the config does not announce
+    save_file(tensors, hf / "model.safetensors")
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf_to_checkpoint.py"), "--hf", str(hf),
+                          "--output", str(tmp_path / "out")], capture_output=True, text=True, env=env())
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "q_proj.bias" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_exporter_refuses_zero_checkpoint_without_fp32_masters(corpus, tmp_path):
+    from megatron_mobilellm.checkpoint_layout import read_checkpoint
+
+    save = tmp_path / "ckpt"
+    run_pretrain(tiny_args(corpus, tmp_path, iters=2, zero=2, **{"--save": save, "--eval-iters": 0}))
+    for f in (save / "iter_0000002").glob("*optim_states.pt"):
+        f.unlink()
+    cmd = [sys.executable, str(ROOT / "tools" / "convert_checkpoint_to_hf.py"), "--checkpoint", str(save),
+           "--output", str(tmp_path / "hf")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env())
+    assert res.returncode == 1 and "without its optimizer files" in res.stderr and "--use-module-weights" in res.stderr
+    assert not (tmp_path / "hf").exists()
+    _, _, state = read_checkpoint(save, use_module_weights=True)
+    assert state and all(v.dtype == torch.float32 for v in state.values())

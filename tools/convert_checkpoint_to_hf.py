@@ -31,11 +31,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="llama: plain Llama (LS blocks unrolled); mobilellm: compact MobileLLM-style config")
     p.add_argument("--max-shard-size-gb", type=float, default=2.0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--use-module-weights", action="store_true",
+                   help="export a ZeRO checkpoint whose optimizer files (fp32 masters) are missing from the module's "
+                        "own (bf16 under --bf16) weights")
     p.add_argument("--verify", action="store_true", help="compare logits of the export with our model")
     p.add_argument("--tolerance", type=float, default=1e-4, help="--verify: max |Δlogits| allowed")
     args = p.parse_args(argv)
     try:
-        tag, cfg, state = read_checkpoint(args.checkpoint, args.tag, args.iteration)
+        tag, cfg, state = read_checkpoint(args.checkpoint, args.tag, args.iteration, args.use_module_weights)
         out = write_hf(state, cfg, args.output, args.dtype, args.format, args.tokenizer_model, args.overwrite,
                        int(args.max_shard_size_gb * (1 << 30)))
     except (CheckpointError, ExportError, FileNotFoundError) as e:

@@ -122,8 +122,26 @@ def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _refuse_unrepresentable(hf_cfg: dict) -> None:
+    """Refuse an HF config whose model computes something ours cannot (rather than drop it and import a different
+    function); the message names the field."""
+    checks = [
+        ("model_type", hf_cfg.get("model_type") in ("llama", "mobilellm"), "only Llama and MobileLLM models"),
+        ("attention_bias", not hf_cfg.get("attention_bias"), "attention projections have no bias here"),
+        ("mlp_bias", not hf_cfg.get("mlp_bias"), "MLP projections have no bias here"),
+        ("rope_scaling", not hf_cfg.get("rope_scaling"), "only plain RoPE (no scaling)"),
+        ("rope_parameters", (hf_cfg.get("rope_parameters") or {}).get("rope_type", "default") == "default",
+         "only plain RoPE (rope_type 'default')"),
+        ("hidden_act", hf_cfg.get("hidden_act", "silu") == "silu", "the MLP is SwiGLU (SiLU)"),
+    ]
+    for field, ok, why in checks:
+        if not ok:
+            raise ExportError(f"config.json: {field} = {hf_cfg.get(field)!r} cannot be represented ({why})")
+
+
 def config_from_hf(hf_cfg: dict, layer_sharing: bool = False) -> ModelConfig:
     """Our config for an HF Llama or MobileLLM-format config (``layer_sharing`` folds a Llama's layer pairs)."""
+    _refuse_unrepresentable(hf_cfg)
     fmt_ls = bool(hf_cfg.get("layer_sharing", False))
     layers = hf_cfg["num_hidden_layers"]
     if layer_sharing and not fmt_ls:
@@ -159,4 +177,8 @@ def read_hf(hf_dir: str | Path, layer_sharing: bool = False) -> tuple[dict[str, 
         mapped = from_hf(tensors, ModelConfig(**{**cfg.to_dict(), "layer_sharing": False}))
     else:
         mapped = from_hf(tensors, cfg)
+    used = set(to_hf(mapped, ModelConfig(**{**cfg.to_dict(), "layer_sharing": False}) if compact else cfg))
+    unused = sorted(k for k in tensors if k not in used and k != "lm_head.weight" and "rotary_emb.inv_freq" not in k)
+    if unused:
+        raise ExportError(f"--hf {hf_dir}: {len(unused)} tensors cannot be represented (e.g. {', '.join(unused[:3])})")
     return {k: v.float().contiguous() for k, v in mapped.items()}, cfg
