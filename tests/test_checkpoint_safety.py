@@ -254,3 +254,21 @@ def test_exporter_refuses_zero_checkpoint_without_fp32_masters(corpus, tmp_path)
     assert not (tmp_path / "hf").exists()
     _, _, state = read_checkpoint(save, use_module_weights=True)
     assert state and all(v.dtype == torch.float32 for v in state.values())
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--lr", "nan"), ("--lr", "0"), ("--min-lr", "-0.00001"), ("--clip-grad", "inf"), ("--clip-grad", "-1"),
+    ("--weight-decay", "nan"), ("--adam-beta1", "1.0"), ("--adam-beta2", "-0.1"), ("--adam-eps", "0"),
+    ("--loss-spike-factor", "inf"), ("--exit-duration-in-mins", "nan"), ("--peak-tflops", "-5"),
+    ("--lr-warmup-iters", "-1"), ("--lr-decay-iters", "0"), ("--lr-wsd-decay-iters", "-3"), ("--seed", "-1"),
+    ("--seed", str(2**32)), ("--vocab-size", "0"), ("--exit-interval", "0"), ("--num-workers", "-1"),
+    ("--eval-iters", "-1"), ("--keep-last", "0"), ("--max-skipped-steps", "0"),
+])
+def test_numeric_flags_are_finite_and_in_range(flag, value, tmp_path, capsys):
+    from megatron_mobilellm.pretrain import main
+
+    args = tiny_args(tmp_path / "unused", tmp_path, **{flag: value})
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith(f"error: {flag} ") and "lie in" in err[0], err

@@ -7,6 +7,7 @@ about a second with a message that names the flag.
 from __future__ import annotations
 
 import argparse
+import math
 
 from megatron_mobilellm.config import PRESETS, ModelConfig, get_config
 from megatron_mobilellm.errors import ConfigError
@@ -143,6 +144,35 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                      training=training, cli_args=vars(args))
 
 
+# flag: (lowest, highest, lowest allowed, highest allowed); None values (flag not given) are not checked.
+RANGES = {
+    "lr": (0.0, math.inf, False, False), "min_lr": (0.0, math.inf, True, False),
+    "clip_grad": (0.0, math.inf, True, False), "weight_decay": (0.0, math.inf, True, False),
+    "adam_beta1": (0.0, 1.0, True, False), "adam_beta2": (0.0, 1.0, True, False),
+    "adam_eps": (0.0, math.inf, False, False), "loss_spike_factor": (1.0, math.inf, False, False),
+    "exit_duration_in_mins": (0.0, math.inf, False, False), "peak_tflops": (0.0, math.inf, False, False),
+    "lr_warmup_iters": (0, math.inf, True, False), "lr_decay_iters": (0, math.inf, False, False),
+    "lr_wsd_decay_iters": (0, math.inf, False, False), "num_workers": (0, math.inf, True, False),
+    "seed": (0, 2**32, True, False), "vocab_size": (0, math.inf, False, False),
+    "exit_interval": (0, math.inf, False, False), "eval_iters": (0, math.inf, True, False),
+    "save_interval": (0, math.inf, False, False), "keep_last": (1, math.inf, True, False),
+    "max_skipped_steps": (1, math.inf, True, False),
+}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Every numeric flag finite and in its range before any work (argparse's ``float`` takes ``nan`` and
+    ``inf``, which would otherwise train on silently or fail hours later)."""
+    for flag, (low, high, low_ok, high_ok) in RANGES.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        inside = (low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)
+        if not math.isfinite(value) or not inside:
+            interval = f"{'[' if low_ok else '('}{low}, {'∞' if high == math.inf else high}{']' if high_ok else ')'}"
+            raise ConfigError(f"--{flag.replace('_', '-')} {value} must be finite and lie in {interval}")
+
+
 def validate_args(args: argparse.Namespace) -> None:
     def check(ok: bool, msg: str) -> None:
         if not ok:
@@ -151,23 +181,16 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag in ("micro_batch_size", "global_batch_size", "train_iters", "seq_length", "log_interval",
                  "eval_interval", "loss_chunk_size"):
         check(getattr(args, flag) > 0, f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    check(args.eval_iters >= 0, "--eval-iters must be >= 0")
     check(args.global_batch_size % args.micro_batch_size == 0,
           f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
           f"{args.micro_batch_size}")
     check(not (args.bf16 and args.fp32), "--bf16 and --fp32 are exclusive")
-    check(args.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
-    check(args.lr > 0, "--lr must be positive")
+    check_ranges(args)
     if args.min_lr is None:
         args.min_lr = 0.1 * args.lr
     check(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must lie in [0, --lr {args.lr}]")
-    if args.save_interval is not None:
-        check(args.save_interval > 0, "--save-interval must be positive")
-        check(args.save is not None, "--save-interval needs --save DIR")
+    check(args.save_interval is None or args.save is not None, "--save-interval needs --save DIR")
     check(not args.finetune or args.load is not None, "--finetune needs --load DIR")
-    check(args.keep_last is None or args.keep_last >= 1, "--keep-last must be >= 1")
-    check(args.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
-    check(args.loss_spike_factor is None or args.loss_spike_factor > 1, "--loss-spike-factor must be > 1")
     check(not args.cuda_graphs or args.compile is not None, "--cuda-graphs needs --compile (blocks or decoder)")
     check(args.deepspeed_config is not None, "--deepspeed_config is required (see ds_configs/)")
     try:
