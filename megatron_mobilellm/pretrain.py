@@ -38,7 +38,7 @@ from megatron_mobilellm.training.lr_scheduler import LRScheduler
 from megatron_mobilellm.training.metrics import (MetricsWriter, detect_peak_tflops, flops_per_token,
                                                  max_memory_gib, perplexity)
 from megatron_mobilellm.training.optimizer import build_optimizer
-from megatron_mobilellm.training.zero_overflow import fuse_overflow_check
+from megatron_mobilellm.training.zero_overflow import fuse_grad_norm, fuse_overflow_check
 
 
 class TrainingStopped(RuntimeError):
@@ -147,6 +147,7 @@ def build_engine(args: argparse.Namespace, cfg: ModelConfig, device: torch.devic
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                    lr_scheduler=lambda opt: LRScheduler(opt, **schedule))
     fuse_overflow_check(engine.optimizer)
+    fuse_grad_norm(engine.optimizer)
     plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     guard = NonFiniteGradGuard(optimizer, scheduler) if plain_fp32 else None
     return engine, scheduler, guard
