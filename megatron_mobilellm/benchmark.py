@@ -41,6 +41,8 @@ from tqdm import tqdm
 from megatron_mobilellm.atomic import atomic_file
 from megatron_mobilellm.benchmark_baselines import BASELINES, BaselineUnavailable, transformers_step
 from megatron_mobilellm.config import PRESETS, ModelConfig
+from megatron_mobilellm.training.arguments import ConfigError
+from megatron_mobilellm.training.ds_config import build_ds_config
 from megatron_mobilellm.training.metrics import detect_peak_tflops, flops_per_token
 
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -74,7 +76,6 @@ def random_batch(cfg: ModelConfig, micro: int, seq: int, device: torch.device, s
 def ours(preset: str, micro: int, seq: int, device: torch.device, opts: argparse.Namespace) -> tuple:
     from megatron_mobilellm.pretrain import build_engine, check_cuda_graphs
     from megatron_mobilellm.training.arguments import build_parser, model_config, validate_args
-    from megatron_mobilellm.training.ds_config import build_ds_config
 
     argv = ["--model-size", preset, "--data-path", "unused", "--seq-length", str(seq), "--micro-batch-size",
             str(micro), "--global-batch-size", str(micro), "--train-iters", "1000", "--lr-warmup-iters", "10",
@@ -99,6 +100,10 @@ def ours(preset: str, micro: int, seq: int, device: torch.device, opts: argparse
         engine.step()
 
     return cfg, step, engine
+
+
+def sequence_length(preset: str, opts: argparse.Namespace) -> int:
+    return min(opts.seq_length, PRESETS[preset].get("max_position_embeddings", 2048))
 
 
 def baseline(kind: str, preset: str, micro: int, seq: int, device: torch.device) -> tuple:
@@ -238,7 +243,7 @@ def compare(opts: argparse.Namespace) -> tuple[list[dict], dict]:
     rows, meta = [], {"world_size": 1}
     bar = tqdm(jobs, desc="benchmark", unit="process", file=sys.stderr)
     for preset, micro, kind in bar:
-        seq = min(opts.seq_length, PRESETS[preset].get("max_position_embeddings", 2048))
+        seq = sequence_length(preset, opts)
         bar.set_postfix_str(f"{preset} mb{micro} {kind}")
         row, data, stdout = run_child(opts, kind, preset, micro, seq)
         meta.update((k, v) for k, v in data.items() if k not in ("rows", "command"))
@@ -259,8 +264,7 @@ def in_process(opts: argparse.Namespace) -> tuple[list[dict], dict]:
     rows = []
     for preset in opts.presets:
         for micro in opts.micro_batch_sizes:
-            seq = min(opts.seq_length, PRESETS[preset].get("max_position_embeddings", 2048))
-            rows.append(measure(kind, preset, micro, seq, device, opts))
+            rows.append(measure(kind, preset, micro, sequence_length(preset, opts), device, opts))
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "world_size": dist.get_world_size()}
     return rows, meta
@@ -295,7 +299,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     opts = p.parse_args(argv)
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rows, meta = in_process(opts) if opts.run or launched else compare(opts)
+    try:
+        build_ds_config(opts.deepspeed_config, 1, 1, 1, 1.0, False)  # a bad config fails here, not in each child
+        rows, meta = in_process(opts) if opts.run or launched else compare(opts)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if opts.run or launched:
         if dist.get_rank() != 0:
             return rows

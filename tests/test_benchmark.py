@@ -37,17 +37,19 @@ def test_comparison_runs_each_configuration_in_a_fresh_process(tmp_path):
 
 def test_single_configuration_in_process_with_profile(tmp_path):
     out = tmp_path / "bench.json"
-    res = bench(["--run", "ours", "--json", str(out), "--profile", "--trace",
+    res = bench(["--run", "ours", "--stock-zero-reductions", "--json", str(out), "--profile", "--trace",
                  str(tmp_path / "trace.json.gz")])
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert data["world_size"] == 1 and [r["name"] for r in data["rows"]] == ["ours zero1"]
+    assert data["world_size"] == 1 and [r["name"] for r in data["rows"]] == ["ours zero1 stock-reductions"]
     assert "Self CPU" in res.stdout  # the profiler's kernel table
     with gzip.open(tmp_path / "trace.json.gz") as f:
         assert json.load(f)["traceEvents"]  # --trace: a Chrome trace of our profiled steps
 
 
-def test_failed_child_is_a_row(tmp_path):
-    res = bench(["--baseline", "--optimizer", "deepspeed_adam", "--deepspeed_config", str(tmp_path / "missing.json")])
+def test_a_failing_configuration_is_a_row_and_a_bad_config_an_error_line(tmp_path):
+    res = bench(["--baseline", "--cuda-graphs"])  # ours alone; its process refuses CUDA graphs without a GPU
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "failed (exit" in res.stdout
+    assert "failed (exit 1): error: --cuda-graphs needs a CUDA device" in res.stdout
+    res = bench(["--deepspeed_config", str(tmp_path / "missing.json")])
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: --deepspeed_config")
