@@ -21,5 +21,6 @@ setup(
     extras_require={
         "dev": ["pytest", "transformers", "megatron-core==0.16.1", "triton", "matplotlib"],
         "flash": ["flash-attn"],
+        "zstd": ["zstandard"],  # .jsonl.zst input to tools/preprocess_jsonl.py
     },
 )

@@ -40,10 +40,14 @@ from tqdm import tqdm
 
 from megatron_mobilellm.atomic import atomic_file
 from megatron_mobilellm.benchmark_baselines import BASELINES, BaselineUnavailable, transformers_step
-from megatron_mobilellm.config import PRESETS, ModelConfig
-from megatron_mobilellm.training.arguments import ConfigError
+from megatron_mobilellm.config import PRESETS, ModelConfig, get_config
+from megatron_mobilellm.errors import ConfigError
+from megatron_mobilellm.training.arguments import add_engine_arguments, engine_config
+from megatron_mobilellm.training.config import OPTIMIZERS, EngineConfig, OptimizerConfig, ScheduleConfig
+from megatron_mobilellm.training.distributed import init_distributed
 from megatron_mobilellm.training.ds_config import build_ds_config
-from megatron_mobilellm.training.metrics import detect_peak_tflops, flops_per_token
+from megatron_mobilellm.training.engine import build_engine, check_cuda_graphs
+from megatron_mobilellm.training.metrics import achieved_tflops, detect_peak_tflops, flops_per_token
 
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -74,22 +78,14 @@ def random_batch(cfg: ModelConfig, micro: int, seq: int, device: torch.device, s
 
 
 def ours(preset: str, micro: int, seq: int, device: torch.device, opts: argparse.Namespace) -> tuple:
-    from megatron_mobilellm.pretrain import build_engine, check_cuda_graphs
-    from megatron_mobilellm.training.arguments import build_parser, model_config, validate_args
-
-    argv = ["--model-size", preset, "--data-path", "unused", "--seq-length", str(seq), "--micro-batch-size",
-            str(micro), "--global-batch-size", str(micro), "--train-iters", "1000", "--lr-warmup-iters", "10",
-            "--deepspeed_config", opts.deepspeed_config, "--attention-backend", opts.attention_backend,
-            "--optimizer", opts.optimizer, "--loss-chunk-size", str(opts.loss_chunk_size)]
-    argv += ["--compile", opts.compile] if opts.compile else []
-    argv += ["--recompute-activations"] if opts.recompute_activations else []
-    argv += ["--cuda-graphs"] if opts.cuda_graphs else []
-    args = build_parser().parse_args(argv)
-    validate_args(args)
-    cfg = model_config(args)
-    ds_config = build_ds_config(args.deepspeed_config, micro, 1, dist.get_world_size(), 1.0, device.type == "cuda")
-    check_cuda_graphs(args, ds_config)
-    engine, _, _ = build_engine(args, cfg, device, ds_config)
+    cfg = get_config(preset)
+    ds_config = build_ds_config(opts.deepspeed_config, micro, 1, dist.get_world_size(), 1.0, device.type == "cuda")
+    check_cuda_graphs(opts.cuda_graphs, ds_config, opts.deepspeed_config)
+    # Any valid schedule will do: only the step time is measured.
+    schedule = ScheduleConfig(lr=5e-4, min_lr=5e-5, warmup_iters=10, decay_iters=1000, style="cosine",
+                              wsd_decay_iters=200)
+    engine, _, _ = build_engine(cfg, engine_config(opts), OptimizerConfig(optimizer=opts.optimizer), schedule, device,
+                                ds_config)
     if opts.stock_zero_reductions:  # the fused versions are instance attributes shadowing DeepSpeed's methods
         for name in ("has_overflow_partitioned_grads_serial", "get_grad_norm_direct"):
             engine.optimizer.__dict__.pop(name, None)
@@ -107,7 +103,7 @@ def sequence_length(preset: str, opts: argparse.Namespace) -> int:
 
 
 def baseline(kind: str, preset: str, micro: int, seq: int, device: torch.device) -> tuple:
-    cfg = ModelConfig(**PRESETS[preset])
+    cfg = get_config(preset)
     tokens, _ = random_batch(cfg, micro, seq, device)
     step, model = transformers_step(kind, cfg, tokens, device)
     return cfg, step, model
@@ -150,10 +146,9 @@ def measure(kind: str, preset: str, micro: int, seq: int, device: torch.device, 
         return {**row, "error": str(e)}
     median = statistics.median(times)
     tokens_per_sec = micro * seq / median
-    tflops = tokens_per_sec * flops_per_token(cfg, seq) / 1e12
     peak = opts.peak_tflops or detect_peak_tflops(device)
-    row.update(step_ms=1000 * median, tokens_per_sec=tokens_per_sec, tflops=tflops,
-               mfu=tflops / peak if peak else None,
+    tflops, mfu = achieved_tflops(tokens_per_sec, flops_per_token(cfg, seq), peak)
+    row.update(step_ms=1000 * median, tokens_per_sec=tokens_per_sec, tflops=tflops, mfu=mfu,
                peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
     del keep, step
     gc.collect()
@@ -211,7 +206,8 @@ def child_argv(opts: argparse.Namespace, kind: str, preset: str, micro: int, jso
     argv += ["--peak-tflops", str(opts.peak_tflops)] if opts.peak_tflops else []
     if kind == "ours":
         argv += ["--deepspeed_config", opts.deepspeed_config, "--attention-backend", opts.attention_backend,
-                 "--optimizer", opts.optimizer, "--loss-chunk-size", str(opts.loss_chunk_size)]
+                 "--optimizer", opts.optimizer, "--loss-chunk-size", str(opts.loss_chunk_size), "--seed",
+                 str(opts.seed)]
         argv += ["--compile", opts.compile] if opts.compile else []
         argv += ["--cuda-graphs"] if opts.cuda_graphs else []
         argv += ["--recompute-activations"] if opts.recompute_activations else []
@@ -257,8 +253,6 @@ def compare(opts: argparse.Namespace) -> tuple[list[dict], dict]:
 
 def in_process(opts: argparse.Namespace) -> tuple[list[dict], dict]:
     """``--run KIND`` or a multi-rank launch: time in this process (ours on every rank under a launcher)."""
-    from megatron_mobilellm.pretrain import init_distributed
-
     device = init_distributed()
     kind = opts.run or "ours"
     rows = []
@@ -278,15 +272,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--optimizer", default="torch_adamw", choices=["torch_adamw", "deepspeed_adam"])
-    p.add_argument("--compile", nargs="?", const="blocks", default=None, choices=["blocks", "decoder"],
-                   help="ours: torch.compile each block (default) or the whole decoder")
-    p.add_argument("--recompute-activations", action="store_true")
-    p.add_argument("--cuda-graphs", action="store_true", help="ours: with --compile, replay CUDA graphs")
-    p.add_argument("--loss-chunk-size", type=int, default=4096)
-    p.add_argument("--stock-zero-reductions", action="store_true",
-                   help="ours (ablation): DeepSpeed's own per-tensor overflow check and gradient norm, not the fused")
+    p.add_argument("--optimizer", default=OptimizerConfig.optimizer, choices=OPTIMIZERS)
+    p.add_argument("--seed", type=int, default=EngineConfig.seed, help="ours: weight initialisation")
+    g = p.add_argument_group("ours: the trainer's engine flags")
+    add_engine_arguments(g)
+    g.add_argument("--stock-zero-reductions", action="store_true",
+                   help="(ablation) DeepSpeed's own per-tensor overflow check and gradient norm, not the fused ones")
     p.add_argument("--baseline", nargs="*", default=list(BASELINES), choices=BASELINES,
                    help="transformers baselines, each timed in its own process after ours (none: the flag alone)")
     p.add_argument("--run", choices=("ours", *BASELINES), default=None,

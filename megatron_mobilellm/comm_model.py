@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from megatron_mobilellm.config import PRESETS, count_parameters, get_config
+from megatron_mobilellm.config import PRESETS, get_config
 from megatron_mobilellm.training.metrics import flops_per_token
 
 PASSES = {1: 2, 2: 2, 3: 3}
@@ -92,7 +92,7 @@ def table(presets: list[str], micro_batches: dict[str, int], nodes: list[int], s
         f"{m}×{net.gpus_per_node}: GB sent/GPU, comm ms, efficiency" for m in nodes) + " |"
     lines = [head, "|" + "---|" * (5 + len(nodes))]
     for preset in presets:
-        params = count_parameters(get_config(preset))
+        params = get_config(preset).num_parameters
         mb = micro_batches[preset]
         t_c = compute_seconds(preset, mb, seq, measured.get(preset), mfu, peak_tflops)
         for stage in stages:
