@@ -17,7 +17,7 @@ from megatron_mobilellm.checkpoint_layout import tag_for
 from megatron_mobilellm.data.builder import build_loader
 from megatron_mobilellm.training.checkpointing import TrainState, save_checkpoint
 from megatron_mobilellm.training.config import RunConfig
-from megatron_mobilellm.training.distributed import all_ranks_mean, any_rank
+from megatron_mobilellm.training.distributed import DeferredAnyRank, all_ranks_mean
 from megatron_mobilellm.training.guard import BadStepPolicy
 from megatron_mobilellm.training.metrics import MetricsWriter, Throughput, flops_per_token, max_memory_gib, perplexity
 
@@ -121,7 +121,7 @@ class Trainer:
         validating = bool(cfg.eval_iters)
         if validating and state.iteration == 0:  # a baseline point for the validation curve
             self.validate()
-        stop, started = StopSignal(), time.time()
+        stop, started, agree = StopSignal(), time.time(), DeferredAnyRank(self.device)
         throughput = Throughput(cfg.global_batch_size * cfg.seq_length,
                                 flops_per_token(self.run.model, cfg.seq_length), cfg.peak_tflops, self.device)
         interval = LogInterval(torch.zeros((), device=self.device))
@@ -141,14 +141,16 @@ class Trainer:
                 self.validate()
             if cfg.save and cfg.save_interval and state.iteration % cfg.save_interval == 0:
                 self.save()
-            reason = self.exit_reason(stop, started)
+            reason = self.exit_reason(stop, started, agree)
             if reason:
+                agree.drain()
                 if cfg.save and self.last_saved != state.iteration:
                     self.save()
                 saved = f"checkpoint {cfg.save}/{tag_for(state.iteration)}" if cfg.save else \
                     "nothing saved (no --save)"
                 self.writer.line(f"exiting at iteration {state.iteration} after {reason}; {saved}")
                 return
+        agree.drain()
         if validating and state.iteration % cfg.eval_interval:
             self.validate()
         if cfg.save and self.last_saved != state.iteration:
@@ -204,12 +206,13 @@ class Trainer:
         save_checkpoint(self.engine, self.cfg.save, self.state, self.run.model, self.run.cli_args, self.cfg.keep_last)
         self.last_saved = self.state.iteration
 
-    def exit_reason(self, stop: StopSignal, started: float) -> str | None:
-        """Why to stop now, agreed by all ranks: a signal on any rank, the time budget, or --exit-interval."""
+    def exit_reason(self, stop: StopSignal, started: float, agree: DeferredAnyRank) -> str | None:
+        """Why to stop now, agreed by all ranks: a signal on any rank or the time budget (seen by all ranks one
+        iteration after the first saw it, so that no iteration waits on the GPU to agree), or --exit-interval."""
         cfg = self.cfg
         minutes = (time.time() - started) / 60
         out_of_time = bool(cfg.exit_duration_in_mins) and minutes >= cfg.exit_duration_in_mins
-        signalled, timed_out = any_rank([stop.received is not None, out_of_time], self.device)
+        signalled, timed_out = agree([stop.received is not None, out_of_time])
         if signalled:
             return "a stop signal" + (f" ({stop.received})" if stop.received else " on another rank")
         if timed_out:
