@@ -7,8 +7,9 @@ For every preset and micro-batch the command starts one subprocess per configura
 then each transformers baseline of ``--baseline`` (eager, ``torch.compile``, Liger-kernel; see
 ``megatron_mobilellm.benchmark_baselines``). Nothing compiled, cached or allocated by one configuration can slow
 down or speed up the next (a baseline timed in-process after our compiled model measured ~45 % slower than in a
-fresh process). One table follows: tokens/s, MFU, peak memory, and ours ÷ the best baseline. ``--run KIND`` times
-one configuration in this process (what each subprocess does).
+fresh process). One table follows: tokens/s, MFU, peak memory, and ours ÷ the best baseline; a configuration that
+ran out of memory or is not installed is a row saying so, and one whose process failed is a row too, after which
+the command exits 1. ``--run KIND`` times one configuration in this process (what each subprocess does).
 
 Under ``deepspeed --num_gpus N --module megatron_mobilellm.benchmark`` every rank runs our step in-process on its
 own micro-batch (global batch = micro-batch × N, gradients all-reduced by the ZeRO stage of the config) and the
@@ -305,6 +306,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if opts.json:
         with atomic_file(opts.json) as f:
             json.dump({**meta, "command": sys.argv[1:] if argv is None else argv, "rows": rows}, f, indent=2)
+    crashed = [r["name"] for r in rows if r.get("error", "").startswith("failed")]
+    if crashed:  # a script running the benchmark must notice; out of memory or not installed are results
+        print(f"error: {len(crashed)} configuration(s) failed in their process: {', '.join(crashed)}",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
     return rows
 
 
