@@ -374,9 +374,9 @@ def test_disk_full_on_tmpfs_is_one_line_and_keeps_old_dataset(tmp_path, small_tm
     else:
         write_jsonl(tmp_path / "a.jsonl", [np.arange(1000)] * 1500, extra=False)
         run_tool("--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "a")
-        res = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_datasets.py"), "--input", tmp_path / "a",
-                              tmp_path / "a", "--output-prefix", small_tmpfs / "x"], capture_output=True, text=True,
-                             cwd=ROOT, timeout=300)
+        res = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_datasets.py"), "--no-progress", "--input",
+                              tmp_path / "a", tmp_path / "a", "--output-prefix", small_tmpfs / "x"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: cannot write: no space left on device")
