@@ -611,3 +611,15 @@ def test_glob_matches_the_glob_module(tmp_path, monkeypatch, pattern):
     monkeypatch.chdir(tmp_path)
     for spec in (pattern, str(tmp_path / pattern)):
         assert _glob(spec) == sorted({Path(m) for m in globmodule.glob(spec, recursive=True)}), spec
+
+
+def test_glob_over_node_folders_skips_folders_without_jsonl(tmp_path):
+    """'base/*' matches node folders and, say, a logs folder: the latter is no error, an empty match is."""
+    write_jsonl(tmp_path / "base" / "n1" / "a.jsonl", [[1]])
+    (tmp_path / "base" / "logs").mkdir()
+    (tmp_path / "base" / "logs" / "run.txt").write_text("x")
+    run_tool("--input", tmp_path / "base" / "*", "--output-prefix", tmp_path / "o")
+    assert IndexedDataset(tmp_path / "o")[0].tolist() == [1]
+    res = run_tool("--input", tmp_path / "base" / "l*", "--output-prefix", tmp_path / "p", check=False)
+    assert (res.returncode, res.stderr) == (1, f"error: no such file, directory or glob match "
+                                               f"({tmp_path / 'base' / 'l*'})\n")
