@@ -365,12 +365,13 @@ def _old_dataset(prefix: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in prefix.parent.iterdir()}
 
 
-@pytest.mark.parametrize("tool", ["preprocess", "merge"])
+@pytest.mark.parametrize("tool", ["preprocess", "preprocess-2-workers", "merge"])
 def test_disk_full_on_tmpfs_is_one_line_and_keeps_old_dataset(tmp_path, small_tmpfs, tool):
     before = _old_dataset(small_tmpfs / "x")
-    if tool == "preprocess":
+    if tool.startswith("preprocess"):
+        workers = "2" if tool.endswith("workers") else "1"
         res = run_tool("--input", _docs_jsonl(tmp_path / "in.jsonl", 1500), "--output-prefix", small_tmpfs / "x",
-                       check=False)
+                       "--workers", workers, "--chunk-size-mb", "0.25", check=False)
     else:
         write_jsonl(tmp_path / "a.jsonl", [np.arange(1000)] * 1500, extra=False)
         run_tool("--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "a")
