@@ -11,7 +11,6 @@ list (``acc`` and ``acc_norm`` for every multiple-choice task; lm-eval's SIQA, B
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,8 +148,11 @@ class TaskResult:
 
 def load_tasks(specs: list[TaskSpec], data_dir: Path | None, workdir: Path, limit: int | None) -> list:
     """lm-eval Task objects, each checked against its data file before anything runs."""
+    import datasets
     from lm_eval.tasks import TaskManager
 
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices; the request progress bar stays
+    datasets.disable_progress_bars()
     files = {s.name: data_file(s, data_dir) if data_dir is not None else None for s in specs}
     for spec in specs:
         (workdir / f"{spec.name}.yaml").write_text(yaml.safe_dump(task_config(spec, files[spec.name])))
@@ -169,21 +171,14 @@ def load_tasks(specs: list[TaskSpec], data_dir: Path | None, workdir: Path, limi
     return tasks
 
 
-def evaluate(model, tokenizer, specs: list[TaskSpec], data_dir: Path | None, batch_size: int,
+def evaluate(model, tokenizer, specs: list[TaskSpec], tasks: list, batch_size: int,
              limit: int | None) -> list[TaskResult]:
-    """Zero-shot scores of a loaded transformers model through lm-eval's HFLM."""
+    """Zero-shot scores of a loaded transformers model on ``load_tasks``' tasks, through lm-eval's HFLM."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    import datasets
-
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices; the request progress bar stays
-    datasets.disable_progress_bars()
-    with tempfile.TemporaryDirectory(prefix="mobilellm-tasks-") as tmp:
-        tasks = load_tasks(specs, data_dir, Path(tmp), limit)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit, log_samples=False,
-                                      bootstrap_iters=1000)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit, log_samples=False)
     results = []
     for spec in specs:
         row = out["results"][spec.lm_eval_task]
@@ -219,3 +214,20 @@ def format_table(results: list[TaskResult], label: str, reference: str | None) -
         lines.append(f"| {r.spec.name} | {r.spec.lm_eval_task} | {r.samples} | {cells[0]} | {cells[1]} | "
                      f"{r.spec.table_metric} |")
     return "\n".join(lines)
+
+
+def results_dict(results: list[TaskResult], reference: str | None) -> dict:
+    """The JSON form: per task both accuracies (fractions) and the one the table uses, the average, the paper."""
+    out = {"tasks": {r.spec.name: {"lm_eval_task": r.spec.lm_eval_task, "column": r.spec.column, "rows": r.samples,
+                                   "table_metric": r.spec.table_metric, "score": r.score, **r.metrics}
+                     for r in results},
+           "average": average(results)}
+    if reference is not None:
+        out["paper"] = {c: v / 100 for c, v in zip(COLUMNS, PAPER_ROWS[reference])}
+    return out
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
