@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_paths(args: argparse.Namespace) -> None:
     """Inputs that can be checked before anything heavy is imported or exported."""
     for flag, path, kind in (("--hf", args.hf, "dir"), ("--checkpoint", args.checkpoint, "dir"),
-                             ("--data-dir", args.data_dir, "dir"), ("--text", args.text, "file")):
+                             ("--data-dir", args.data_dir, "dir"), ("--text", args.text, "file"),
+                             ("--tokenizer-model", args.tokenizer_model, "file")):
         if path is not None and not (Path(path).is_dir() if kind == "dir" else Path(path).is_file()):
             raise EvaluationError(f"no such {'directory' if kind == 'dir' else 'file'} ({path})")
     if args.output is not None and not Path(args.output).resolve().parent.is_dir():
@@ -69,12 +70,15 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     from megatron_mobilellm.evaluation.reference import reference_row
 
     perplexity_mode = args.text is not None or args.data_path is not None
-    if not perplexity_mode:  # task files are checked before the model is exported or loaded
+    if args.hf is not None:
+        hf_dir = hf_model.llama_dir(args.hf, scratch)
+    if not perplexity_mode:  # task files are checked before a checkpoint is exported or the model loaded
         specs = zero_shot.resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
         data_dir = Path(args.data_dir) if args.data_dir else None
         tasks = zero_shot.load_tasks(specs, data_dir, scratch, args.limit)
-    source = args.hf or hf_model.export_checkpoint(args.checkpoint, args.tokenizer_model, scratch / "export")
-    hf_dir = hf_model.llama_dir(source, scratch)
+    if args.checkpoint is not None:
+        hf_dir = hf_model.llama_dir(
+            hf_model.export_checkpoint(args.checkpoint, args.tokenizer_model, scratch / "export"), scratch)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = hf_model.load(hf_dir, device, args.dtype)
     label = str(args.hf or args.checkpoint)

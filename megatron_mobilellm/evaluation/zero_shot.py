@@ -153,6 +153,7 @@ def load_tasks(specs: list[TaskSpec], data_dir: Path | None, workdir: Path, limi
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices; the request progress bar stays
     datasets.disable_progress_bars()
+    workdir.mkdir(parents=True, exist_ok=True)
     files = {s.name: data_file(s, data_dir) if data_dir is not None else None for s in specs}
     for spec in specs:
         (workdir / f"{spec.name}.yaml").write_text(yaml.safe_dump(task_config(spec, files[spec.name])))

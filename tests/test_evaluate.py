@@ -1,0 +1,199 @@
+"""tools/evaluate.py: lm-eval's zero-shot tasks from local files on a tiny export, and perplexity vs transformers."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("lm_eval", reason="the eval extra is not installed (pip install -e '.[eval]')")
+
+from eval_fixtures import ROWS, export, task_rows, tiny_model, train_tokenizer, write_task_files  # noqa: E402
+from helpers import ROOT, env  # noqa: E402
+from megatron_mobilellm.config import get_config  # noqa: E402
+from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter  # noqa: E402
+from megatron_mobilellm.evaluation import EvaluationError, hf_model, perplexity, zero_shot  # noqa: E402
+from megatron_mobilellm.evaluation.reference import COLUMNS, PAPER_ROWS, reference_row  # noqa: E402
+from megatron_mobilellm.model.loss import IGNORE_INDEX  # noqa: E402
+
+GOLD = [0, 1, 2, 3, 1]
+PROSE = ("The river runs past the old stone mill, where children count the clouds and name the colors of every "
+         "apple they find. A lamp burns in the window until the evening bell. ")
+
+
+def evaluate_tool(*args, check=True):
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *map(str, args)],
+                         capture_output=True, text=True, env=env(), timeout=900, cwd=ROOT)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Task files (correct and shuffled answers), a tokenizer trained on them, and a random tiny LS export."""
+    d = tmp_path_factory.mktemp("eval")
+    write_task_files(d / "tasks", GOLD)
+    write_task_files(d / "shuffled", [g + 1 for g in GOLD])
+    text = "\n".join(json.dumps(r) for rows in task_rows(GOLD).values() for r in rows)
+    tokenizer = train_tokenizer(d, (text + "\n" + PROSE) * 4)
+    export(tiny_model(layer_sharing=True), tokenizer, d / "hf_ls", fmt="mobilellm")
+    return d
+
+
+def test_fixture_run_prints_the_eight_rows_and_average(work, tmp_path):
+    res = evaluate_tool("--hf", work / "hf_ls", "--data-dir", work / "tasks", "--output", tmp_path / "r.json",
+                        "--batch-size", 16)
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert list(out["tasks"]) == list(zero_shot.DEFAULT_TASKS)
+    header = next(line for line in res.stdout.splitlines() if line.startswith("| model |"))
+    assert header == "| model | " + " | ".join(COLUMNS) + " | avg |"  # the paper's column order
+    row = next(line for line in res.stdout.splitlines() if line.startswith(f"| {work / 'hf_ls'} |"))
+    cells = [float(c) for c in row.strip("|").split("|")[1:]]
+    scores = [t["score"] for t in out["tasks"].values()]
+    assert len(cells) == 9 and cells == pytest.approx([round(100 * s, 1) for s in scores] + [cells[-1]])
+    assert out["average"] == pytest.approx(sum(scores) / 8) and cells[-1] == pytest.approx(100 * out["average"],
+                                                                                           abs=0.05)
+    for name, t in out["tasks"].items():
+        assert t["rows"] == ROWS and 0 <= t["acc"] <= 1 and 0 <= t["acc_norm"] <= 1
+        assert t["table_metric"] == ("acc" if name in ("boolq", "winogrande") else "acc_norm")
+        assert t["score"] == t[t["table_metric"]]
+    assert out["tasks"]["siqa"]["lm_eval_task"] == "social_iqa" and out["reference"] is None
+    assert "table uses" in res.stdout and "Running loglikelihood requests" in res.stderr  # detail and progress
+
+
+def _memorised_model(tasks, tokenizer_path, steps=150):
+    """A tiny model trained on lm-eval's own context + correct continuation of every row until it recalls them."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    seqs = []
+    for task in tasks:
+        for doc in task.eval_docs:
+            choices, gold = task.doc_to_choice(doc), task.doc_to_target(doc)
+            text = task.doc_to_text(doc) + task.config.target_delimiter + choices[gold]
+            seqs.append([sp.bos_id(), *sp.encode(text)])
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [IGNORE_INDEX] * (width - len(s)) for s in seqs])
+    model = tiny_model(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        loss = model(ids[:, :-1].clamp(min=0), labels=ids[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1, loss.item()
+    return model
+
+
+def test_a_model_that_memorised_the_answers_scores_one_and_shuffled_answers_do_not(work, tmp_path):
+    specs = zero_shot.resolve_tasks(["arc_easy", "piqa"])
+    tasks = zero_shot.load_tasks(specs, work / "tasks", tmp_path / "t", None)
+    hf_dir = export(_memorised_model(tasks, work / "sp.model"), work / "sp.model", tmp_path / "hf")
+    model, tokenizer = hf_model.load(hf_dir, "cpu", "fp32")
+    right = zero_shot.evaluate(model, tokenizer, specs, tasks, 16, None)
+    assert [(r.metrics["acc"], r.metrics["acc_norm"]) for r in right] == [(1.0, 1.0)] * 2
+    shuffled = zero_shot.load_tasks(specs, work / "shuffled", tmp_path / "s", None)
+    wrong = zero_shot.evaluate(model, tokenizer, specs, shuffled, 16, None)
+    assert all(r.score == 0.0 for r in wrong), [r.metrics for r in wrong]
+
+
+def _transformers_nll(model, ids, seq_length):
+    """Direct transformers computation: HF's own shifted loss on each window plus the token that follows it."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, seq_length):
+            chunk = torch.tensor([ids[s:s + seq_length + 1]])
+            n = chunk.shape[1] - 1
+            nll += model(chunk, labels=chunk).loss.double().item() * n
+            count += n
+    return nll, count
+
+
+def test_text_perplexity_and_bits_per_byte_equal_transformers(work, tmp_path):
+    import transformers
+
+    text = PROSE * 6 + "Ünïcode café — naïve 😀.\n"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    evaluate_tool("--hf", work / "hf_ls", "--text", tmp_path / "t.txt", "--seq-length", 48, "--batch-size", 3,
+                  "--output", tmp_path / "p.json")
+    got = json.loads((tmp_path / "p.json").read_text())
+    llama = hf_model.llama_dir(work / "hf_ls", tmp_path)  # the MobileLLM-format export, unrolled
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
+    ids = transformers.AutoTokenizer.from_pretrained(llama)(text)["input_ids"]
+    nll, count = _transformers_nll(hf, ids, 48)
+    assert got["tokens"] == count == len(ids) - 1 and got["windows"] == math.ceil(count / 48) > 2
+    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode("utf-8")), rel=1e-4)
+
+
+def test_dataset_perplexity_equals_transformers(work, tmp_path):
+    import transformers
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 320, n) for n in (40, 75, 9, 130)]
+    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
+        for d in docs:
+            w.add_document(d)
+    llama = hf_model.llama_dir(work / "hf_ls", tmp_path)
+    model, tokenizer = hf_model.load(llama, "cpu", "fp32")
+    got = perplexity.dataset_perplexity(model, tokenizer, tmp_path / "d", 64, 2)
+    nll, count = _transformers_nll(model, np.concatenate(docs).tolist(), 64)
+    assert got.tokens == count and got.perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
+    limited = perplexity.dataset_perplexity(model, tokenizer, tmp_path / "d", 64, 2, max_windows=2)
+    assert (limited.windows, limited.tokens) == (2, 128)
+    with pytest.raises(EvaluationError, match="no such file"):
+        perplexity.dataset_perplexity(model, tokenizer, tmp_path / "missing", 64, 2)
+
+
+def test_bad_inputs_fail_with_one_line_naming_them(work, tmp_path):
+    def fails(*args):
+        res = evaluate_tool(*args, check=False)
+        assert res.returncode == 1 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+        return res.stderr
+
+    partial = tmp_path / "partial"
+    write_task_files(partial, GOLD)
+    (partial / "hellaswag.jsonl").unlink()
+    err = fails("--hf", work / "hf_ls", "--data-dir", partial, "--tasks", "arc_easy,hellaswag")
+    assert "no data file for task hellaswag (expected hellaswag.jsonl or hellaswag.parquet)" in err
+    assert str(partial) in err
+    (partial / "arc_easy.jsonl").write_text(json.dumps({"q": "What?", "choices": ["a", "b"], "answer": 0}) + "\n")
+    err = fails("--hf", work / "hf_ls", "--data-dir", partial, "--tasks", "arc_easy")
+    assert "row 1 does not have task arc_easy's schema" in err and str(partial / "arc_easy.jsonl") in err
+    rows = task_rows(GOLD)["piqa"]
+    rows[2]["label"] = 5
+    (partial / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    err = fails("--hf", work / "hf_ls", "--data-dir", partial, "--tasks", "piqa")
+    assert "row 3: answer 5 is not one of task piqa's 2 choices" in err
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    err = fails("--hf", gpt2, "--text", tmp_path / "none.txt")
+    assert "no such file" in err
+    (tmp_path / "t.txt").write_text("text")
+    err = fails("--hf", gpt2, "--text", tmp_path / "t.txt")
+    assert "model_type 'gpt2' is not a Llama or MobileLLM export" in err and str(gpt2 / "config.json") in err
+    assert not any(tmp_path.glob("*.json"))
+
+
+def test_reference_rows_match_the_readme_and_presets():
+    readme = (ROOT / "README.md").read_text()
+    for name, row in PAPER_ROWS.items():
+        line = re.search(rf"^\| {re.escape(name)} \|(.*)\|$", readme, re.M)
+        values = [float(v) for v in line.group(1).split("|")]
+        assert values[:-1] == list(row) and values[-1] == pytest.approx(sum(row) / len(row), abs=0.051)
+    assert reference_row(get_config("125M", vocab_size=512)) == "MobileLLM-125M"
+    assert reference_row(get_config("350M", layer_sharing=True)) == "MobileLLM-LS-350M"
+    assert reference_row(get_config("600M")) is None and reference_row(get_config("tiny")) is None
+
+
+def test_unrolled_layer_sharing_is_recognised(work, tmp_path):
+    model, _ = hf_model.load(hf_model.llama_dir(work / "hf_ls", tmp_path), "cpu", "fp32")
+    assert hf_model.architecture(model).layer_sharing and hf_model.architecture(model).num_layers == 2
+    plain = export(tiny_model(), work / "sp.model", tmp_path / "plain")
+    assert not hf_model.architecture(hf_model.load(plain, "cpu", "auto")[0]).layer_sharing
