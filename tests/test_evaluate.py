@@ -164,7 +164,8 @@ def test_bad_inputs_fail_with_one_line_naming_them(work, tmp_path):
     assert str(partial) in err
     (partial / "arc_easy.jsonl").write_text(json.dumps({"q": "What?", "choices": ["a", "b"], "answer": 0}) + "\n")
     err = fails("--hf", work / "hf_ls", "--data-dir", partial, "--tasks", "arc_easy")
-    assert "row 1 does not have task arc_easy's schema" in err and str(partial / "arc_easy.jsonl") in err
+    assert "task arc_easy: unreadable or not in the task's Hub schema" in err and "'question' is undefined" in err
+    assert str(partial / "arc_easy.jsonl") in err
     rows = task_rows(GOLD)["piqa"]
     rows[2]["label"] = 5
     (partial / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -165,8 +165,10 @@ def load_tasks(specs: list[TaskSpec], data_dir: Path | None, workdir: Path, limi
         except EvaluationError:
             raise
         except Exception as e:  # datasets/lm-eval report unreadable files and schema mismatches in many types
-            where = files[spec.name] or f"lm-eval task {spec.lm_eval_task}"
-            raise EvaluationError(f"cannot load task {spec.name}: {type(e).__name__}: {e} ({where})") from None
+            data = files[spec.name]
+            what = "unreadable or not in the task's Hub schema" if data is not None else "cannot be loaded"
+            raise EvaluationError(f"task {spec.name}: {what} ({type(e).__name__}: {e}) "
+                                  f"({data or 'lm-eval task ' + spec.lm_eval_task})") from None
         _check_rows(task, spec, files[spec.name], limit)
         tasks.append(task)
     return tasks
