@@ -19,8 +19,10 @@ except ImportError:
     pytest.skip("lm-eval is not installed (pip install -e '.[eval]')", allow_module_level=True)
 
 from eval_fixtures import ROWS, export, task_rows, tiny_model, train_tokenizer, write_task_files  # noqa: E402
-from helpers import ROOT, env  # noqa: E402
+from helpers import ROOT, env, make_corpus, read_scalars, run_pretrain, tiny_args  # noqa: E402
 from megatron_mobilellm.config import get_config  # noqa: E402
+from megatron_mobilellm.convert.ds_checkpoint import consolidate, read_model_config, resolve_tag  # noqa: E402
+from megatron_mobilellm.convert.hf_format import write_hf  # noqa: E402
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter  # noqa: E402
 from megatron_mobilellm.evaluation import EvaluationError, hf_model, perplexity, zero_shot  # noqa: E402
 from megatron_mobilellm.evaluation.reference import COLUMNS, PAPER_ROWS, reference_row  # noqa: E402
@@ -121,25 +123,20 @@ def _transformers_nll(model, ids, seq_length):
 
 
 def test_text_perplexity_and_bits_per_byte_equal_transformers(work, tmp_path):
-    import transformers
-
     text = PROSE * 6 + "Ünïcode café — naïve 😀.\n"
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    evaluate_tool("--hf", work / "hf_ls", "--text", tmp_path / "t.txt", "--seq-length", 48, "--batch-size", 3,
-                  "--output", tmp_path / "p.json")
-    got = json.loads((tmp_path / "p.json").read_text())
-    llama = hf_model.llama_dir(work / "hf_ls", tmp_path)  # the MobileLLM-format export, unrolled
-    hf = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
-    ids = transformers.AutoTokenizer.from_pretrained(llama)(text)["input_ids"]
-    nll, count = _transformers_nll(hf, ids, 48)
-    assert got["tokens"] == count == len(ids) - 1 and got["windows"] == math.ceil(count / 48) > 2
-    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
-    assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode("utf-8")), rel=1e-4)
+    model, tokenizer = hf_model.load(hf_model.llama_dir(work / "hf_ls", tmp_path), "cpu", "fp32")  # unrolled LS
+    got = perplexity.text_perplexity(model, tokenizer, tmp_path / "t.txt", 48, 3)
+    ids = tokenizer(text)["input_ids"]
+    nll, count = _transformers_nll(model, ids, 48)
+    assert got.tokens == count == len(ids) - 1 and got.windows == math.ceil(count / 48) > 2
+    assert got.perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert got.bits_per_byte == pytest.approx(nll / math.log(2) / len(text.encode("utf-8")), rel=1e-4)
+    limited = perplexity.text_perplexity(model, tokenizer, tmp_path / "t.txt", 48, 3, max_windows=1)
+    assert (limited.windows, limited.tokens) == (1, 48) and limited.bytes < got.bytes
 
 
 def test_dataset_perplexity_equals_transformers(work, tmp_path):
-    import transformers
-
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, 320, n) for n in (40, 75, 9, 130)]
     with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
@@ -169,14 +166,15 @@ def test_bad_inputs_fail_with_one_line_naming_them(work, tmp_path):
     assert "no data file for task hellaswag (expected hellaswag.jsonl or hellaswag.parquet)" in err
     assert str(partial) in err
     (partial / "arc_easy.jsonl").write_text(json.dumps({"q": "What?", "choices": ["a", "b"], "answer": 0}) + "\n")
-    err = fails("--hf", work / "hf_ls", "--data-dir", partial, "--tasks", "arc_easy")
-    assert "task arc_easy: unreadable or not in the task's Hub schema" in err and "'question' is undefined" in err
-    assert str(partial / "arc_easy.jsonl") in err
     rows = task_rows(GOLD)["piqa"]
     rows[2]["label"] = 5
     (partial / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    err = fails("--hf", work / "hf_ls", "--data-dir", partial, "--tasks", "piqa")
-    assert "row 3: answer 5 is not one of task piqa's 2 choices" in err
+    for task, message in [("arc_easy", "task arc_easy: unreadable or not in the task's Hub schema "
+                                        "(UndefinedError: 'question' is undefined)"),
+                          ("piqa", "row 3: answer 5 is not one of task piqa's 2 choices")]:
+        with pytest.raises(EvaluationError) as e:
+            zero_shot.load_tasks(zero_shot.resolve_tasks([task]), partial, tmp_path / task, None)
+        assert str(e.value) == f"{message} ({partial / (task + '.jsonl')})"
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
@@ -204,3 +202,46 @@ def test_unrolled_layer_sharing_is_recognised(work, tmp_path):
     assert hf_model.architecture(model).layer_sharing and hf_model.architecture(model).num_layers == 2
     plain = export(tiny_model(), work / "sp.model", tmp_path / "plain")
     assert not hf_model.architecture(hf_model.load(plain, "cpu", "auto")[0]).layer_sharing
+
+
+@pytest.fixture(scope="module")
+def trained(work, tmp_path_factory):
+    """A short training run whose last validation falls on its saved iteration."""
+    d = tmp_path_factory.mktemp("trained")
+    make_corpus(d / "corpus", num_docs=120)
+    args = tiny_args(d / "corpus", d, iters=6, zero=1, **{"--save": d / "ckpt", "--eval-interval": 3,
+                                                            "--eval-iters": 2, "--split": "90,5,5"})
+    return d, args, run_pretrain(args)
+
+
+def test_skip_train_logs_the_last_validation_loss_and_writes_nothing(trained):
+    d, args, res = trained
+    last = [line for line in res.stdout.splitlines() if line.startswith(" validation at iteration 6 ")]
+    saved = sorted(p.name for p in (d / "ckpt").iterdir())
+    skip = run_pretrain(args + ["--load", str(d / "ckpt"), "--skip-train", "--tensorboard-dir", str(d / "tb")])
+    lines = skip.stdout.splitlines()
+    assert last and last[0] in lines  # same loss, same iteration, to the printed digit
+    test_line = next(line for line in lines if line.startswith(" test at iteration 6 "))
+    assert "lm loss PPL" in test_line and "iteration 7" not in skip.stdout
+    assert sorted(p.name for p in (d / "ckpt").iterdir()) == saved
+    scalars = read_scalars(d / "tb")
+    assert set(scalars["valid/loss"]) == {6} and set(scalars["test/loss"]) == {6}
+    assert "train/loss" not in scalars
+    assert f"{scalars['valid/loss'][6]:.6E}" in last[0]
+
+
+def test_checkpoint_is_exported_and_evaluated(work, trained, tmp_path):
+    d = trained[0]
+    (tmp_path / "t.txt").write_text(PROSE * 4)
+    evaluate_tool("--checkpoint", d / "ckpt", "--tokenizer-model", work / "sp.model", "--text", tmp_path / "t.txt",
+                  "--seq-length", 32, "--output", tmp_path / "p.json")
+    got = json.loads((tmp_path / "p.json").read_text())
+    tag = resolve_tag(d / "ckpt")
+    hf = write_hf(consolidate(d / "ckpt", tag), read_model_config(d / "ckpt", tag), tmp_path / "hf", dtype="fp32",
+                  tokenizer_model=str(work / "sp.model"))
+    model, tokenizer = hf_model.load(hf, "cpu", "fp32")
+    want = perplexity.text_perplexity(model, tokenizer, tmp_path / "t.txt", 32, 8)
+    assert got["perplexity"] == pytest.approx(want.perplexity, rel=1e-5) and got["tokens"] == want.tokens
+    assert got["bits_per_byte"] == pytest.approx(want.bits_per_byte, rel=1e-5)
+    err = evaluate_tool("--checkpoint", d / "ckpt", "--text", tmp_path / "t.txt", check=False).stderr
+    assert err == "error: exporting a checkpoint for evaluation needs its tokenizer (--tokenizer-model)\n"

@@ -23,7 +23,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 def export_checkpoint(checkpoint: str | Path, tokenizer_model: str | None, out: Path) -> Path:
     """The ``latest`` checkpoint of a training run as a full-precision Llama export at ``out``."""
     if tokenizer_model is None:
-        raise EvaluationError(f"--checkpoint {checkpoint} needs --tokenizer-model to build a tokenizer")
+        raise EvaluationError("exporting a checkpoint for evaluation needs its tokenizer (--tokenizer-model)")
     if not Path(tokenizer_model).is_file():
         raise EvaluationError(f"no such tokenizer model ({tokenizer_model})")
     try:
