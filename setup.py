@@ -23,5 +23,6 @@ setup(
         "flash": ["flash-attn"],
         # lm-eval's HF backend (accelerate, peft, transformers); protobuf reads the export's SentencePiece tokenizer.
         "eval": ["lm-eval[hf]==0.4.13", "protobuf"],
+        "zstd": ["zstandard"],  # .jsonl.zst input to tools/preprocess_jsonl.py
     },
 )

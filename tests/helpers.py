@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter
 
@@ -23,6 +25,26 @@ def make_corpus(prefix: Path, num_docs: int = 300, vocab: int = 512, seed: int =
             start, step, n = rng.integers(0, vocab), rng.integers(1, 4), rng.integers(20, 200)
             w.add_document((start + np.arange(n) * step) % vocab)
     return prefix
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(available: bool, reason: str) -> None:
+    """Skip a test whose optional system facility is missing, with a one-line reason — except under ``CI=true``,
+    where ``.ci/run`` installs every one of them, so a missing one fails instead of being skipped silently."""
+    if available:
+        return
+    if in_ci():
+        pytest.fail(f"{reason}; under CI=true .ci/run must provide it", pytrace=False)
+    pytest.skip(f"{reason}; .ci/run provides it")
+
+
+def require_tools(*tools: str) -> None:
+    """``require`` for executables: names looked up on PATH, or absolute paths (e.g. /usr/sbin/sshd)."""
+    missing = [t for t in tools if not (shutil.which(t) or (os.path.isabs(t) and os.access(t, os.X_OK)))]
+    require(not missing, f"needs {' and '.join(missing)}, not installed")
 
 
 def free_port() -> int:

@@ -14,10 +14,7 @@ import pytest
 
 from helpers import env, free_port, make_corpus, read_scalars, run_pretrain, tiny_args
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("data") / "corpus", num_docs=200)
+CORPUS_DOCS = 200
 
 
 def launch(args, nproc=2, extra_env=None):

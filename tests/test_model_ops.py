@@ -201,6 +201,17 @@ def test_config_cli_prints_exact_preset_counts():
         assert rows[name] == count
 
 
+@pytest.mark.parametrize("overrides", [{}, {"layer_sharing": True}, {"tie_embeddings": False},
+                                       {"layer_sharing": True, "layer_repeat": 3, "vocab_size": 1000}])
+def test_config_parameter_count_is_the_built_models(overrides):
+    for name in ("tiny", "125M"):
+        cfg = get_config(name, **overrides)
+        with torch.device("meta"):
+            model = MobileLLM(cfg)
+        assert cfg.num_parameters == sum(p.numel() for p in model.parameters()), (name, overrides)
+        assert len(model.decoder.layers) * model.decoder.repeat == cfg.num_passes
+
+
 @pytest.mark.parametrize("scope", ["blocks", "decoder"])
 def test_compiled_model_matches_eager(scope):
     eager = tiny_model(layer_sharing=True)

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from helpers import env, free_port, logged_losses, make_corpus, tiny_args
+from helpers import env, free_port, logged_losses, tiny_args
+
+CORPUS_DOCS = 100
 
 SSHD = "/usr/sbin/sshd"
 
@@ -19,11 +21,6 @@ def launcher_env(extra: dict | None = None) -> dict:
     e = env()
     e.update(extra or {})
     return e
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("data") / "corpus", num_docs=100)
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,19 @@ from helpers import ROOT, env
 SCRIPT = r"""
 import sys
 import torch
-from megatron_mobilellm.pretrain import build_engine, init_distributed
-from megatron_mobilellm.training.arguments import build_parser, model_config, validate_args
+from megatron_mobilellm.config import get_config
+from megatron_mobilellm.training.config import EngineConfig, OptimizerConfig, ScheduleConfig
+from megatron_mobilellm.training.distributed import init_distributed
 from megatron_mobilellm.training.ds_config import build_ds_config
+from megatron_mobilellm.training.engine import build_engine
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 zero = sys.argv[1]
 device = init_distributed()
-args = build_parser().parse_args(["--model-size", "tiny", "--data-path", "unused", "--seq-length", "32",
-                                  "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "10",
-                                  "--deepspeed_config", f"ds_configs/zero{zero}.json", "--bf16"])
-validate_args(args)
-cfg = model_config(args)
-engine, _, _ = build_engine(args, cfg, device, build_ds_config(args.deepspeed_config, 2, 1, 1, 1.0, True))
+cfg = get_config("tiny")
+schedule = ScheduleConfig(lr=5e-4, min_lr=5e-5, warmup_iters=1000, decay_iters=10, style="cosine", wsd_decay_iters=2)
+engine, _, _ = build_engine(cfg, EngineConfig(), OptimizerConfig(), schedule, device,
+                            build_ds_config(f"ds_configs/zero{zero}.json", 2, 1, 1, 1.0, True))
 opt = engine.optimizer
 original = lambda: DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial(opt)
 assert opt.has_overflow_partitioned_grads_serial.__qualname__.startswith("fuse_overflow_check"), "not installed"

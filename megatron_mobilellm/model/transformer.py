@@ -74,7 +74,7 @@ class TransformerDecoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon)
-        self.repeat = config.layer_repeat if config.layer_sharing else 1
+        self.repeat = config.passes_per_block
         self.activation_checkpointing = False
 
     def forward(self, h: torch.Tensor, rotary_pos_emb: tuple[torch.Tensor, torch.Tensor],
