@@ -61,8 +61,9 @@ def pretrain(args: argparse.Namespace) -> TrainState:
 
     # Build: process group, data, engine, and the state to continue from.
     device = init_distributed()
-    num_samples = {"train": args.train_iters * args.global_batch_size,
-                   "valid": args.eval_iters * args.global_batch_size}
+    eval_samples = args.eval_iters * args.global_batch_size
+    num_samples = ({"valid": eval_samples, "test": eval_samples} if args.skip_train else
+                   {"train": args.train_iters * args.global_batch_size, "valid": eval_samples})
     datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, num_samples,
                               args.data_cache_path)
     weights = initial_weights(args.load, run.model, args.finetune) if args.load and not plan else None
@@ -79,15 +80,18 @@ def pretrain(args: argparse.Namespace) -> TrainState:
         writer.line(f"resumed from {args.load}/{plan.tag} at iteration {state.iteration}")
     elif weights is not None:
         writer.line(f"initialised weights from {args.load}; starting at iteration 0")
+    elif args.skip_train:
+        raise CheckpointError(f"no complete checkpoint to evaluate in {args.load} (--skip-train)")
     elif args.load:
         writer.line(f"no complete checkpoint in {args.load}; starting from scratch")
     writer.line(f"world size {world} | micro batch {args.micro_batch_size} | gradient accumulation {accum} | "
                 f"global batch {args.global_batch_size} | precision {'bf16' if bf16 else 'fp32'} | "
                 f"ZeRO stage {engine.zero_optimization_stage()} | device {device}")
 
-    # Train, then finish in order.
+    # Train (or only evaluate), then finish in order.
+    trainer = Trainer(run, engine, scheduler, guard, datasets, writer, device, state)
     try:
-        Trainer(run, engine, scheduler, guard, datasets, writer, device, state).train()
+        trainer.evaluate_only() if args.skip_train else trainer.train()
     finally:
         writer.close()
     # An orderly teardown: leaving gloo/NCCL threads to the interpreter's exit can abort a rank after success.

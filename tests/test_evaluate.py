@@ -21,7 +21,7 @@ except ImportError:
 from eval_fixtures import ROWS, export, task_rows, tiny_model, train_tokenizer, write_task_files  # noqa: E402
 from helpers import ROOT, env, make_corpus, read_scalars, run_pretrain, tiny_args  # noqa: E402
 from megatron_mobilellm.config import get_config  # noqa: E402
-from megatron_mobilellm.convert.ds_checkpoint import consolidate, read_model_config, resolve_tag  # noqa: E402
+from megatron_mobilellm.checkpoint_layout import read_checkpoint  # noqa: E402
 from megatron_mobilellm.convert.hf_format import write_hf  # noqa: E402
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter  # noqa: E402
 from megatron_mobilellm.evaluation import EvaluationError, hf_model, perplexity, zero_shot  # noqa: E402
@@ -211,23 +211,26 @@ def trained(work, tmp_path_factory):
     make_corpus(d / "corpus", num_docs=120)
     args = tiny_args(d / "corpus", d, iters=6, zero=1, **{"--save": d / "ckpt", "--eval-interval": 3,
                                                             "--eval-iters": 2, "--split": "90,5,5"})
-    return d, args, run_pretrain(args)
+    return d, args, run_pretrain(args + ["--tensorboard-dir", str(d / "tb_train")])
 
 
 def test_skip_train_logs_the_last_validation_loss_and_writes_nothing(trained):
     d, args, res = trained
     last = [line for line in res.stdout.splitlines() if line.startswith(" validation at iteration 6 ")]
     saved = sorted(p.name for p in (d / "ckpt").iterdir())
+    latest = (d / "ckpt" / "latest").read_text()
     skip = run_pretrain(args + ["--load", str(d / "ckpt"), "--skip-train", "--tensorboard-dir", str(d / "tb")])
     lines = skip.stdout.splitlines()
-    assert last and last[0] in lines  # same loss, same iteration, to the printed digit
+    assert last and last[0] in lines  # same loss, same iteration, as printed
     test_line = next(line for line in lines if line.startswith(" test at iteration 6 "))
     assert "lm loss PPL" in test_line and "iteration 7" not in skip.stdout
-    assert sorted(p.name for p in (d / "ckpt").iterdir()) == saved
-    scalars = read_scalars(d / "tb")
-    assert set(scalars["valid/loss"]) == {6} and set(scalars["test/loss"]) == {6}
-    assert "train/loss" not in scalars
-    assert f"{scalars['valid/loss'][6]:.6E}" in last[0]
+    assert sorted(p.name for p in (d / "ckpt").iterdir()) == saved and (d / "ckpt" / "latest").read_text() == latest
+    scalars, trained_scalars = read_scalars(d / "tb"), read_scalars(d / "tb_train")
+    assert scalars["valid/loss"] == {6: trained_scalars["valid/loss"][6]}  # bitwise, as logged
+    assert set(scalars["test/loss"]) == {6} and "train/loss" not in scalars
+    res = run_pretrain(args + ["--skip-train"], check=False)
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1] == \
+        "error: --skip-train needs a checkpoint to evaluate (--load)"
 
 
 def test_checkpoint_is_exported_and_evaluated(work, trained, tmp_path):
@@ -236,9 +239,8 @@ def test_checkpoint_is_exported_and_evaluated(work, trained, tmp_path):
     evaluate_tool("--checkpoint", d / "ckpt", "--tokenizer-model", work / "sp.model", "--text", tmp_path / "t.txt",
                   "--seq-length", 32, "--output", tmp_path / "p.json")
     got = json.loads((tmp_path / "p.json").read_text())
-    tag = resolve_tag(d / "ckpt")
-    hf = write_hf(consolidate(d / "ckpt", tag), read_model_config(d / "ckpt", tag), tmp_path / "hf", dtype="fp32",
-                  tokenizer_model=str(work / "sp.model"))
+    _, cfg, state = read_checkpoint(d / "ckpt")
+    hf = write_hf(state, cfg, tmp_path / "hf", dtype="fp32", tokenizer_model=str(work / "sp.model"))
     model, tokenizer = hf_model.load(hf, "cpu", "fp32")
     want = perplexity.text_perplexity(model, tokenizer, tmp_path / "t.txt", 32, 8)
     assert got["perplexity"] == pytest.approx(want.perplexity, rel=1e-5) and got["tokens"] == want.tokens

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_mobilellm.checkpoint_layout import read_checkpoint
 from megatron_mobilellm.config import ModelConfig
-from megatron_mobilellm.convert.ds_checkpoint import CheckpointError, consolidate, read_model_config, resolve_tag
 from megatron_mobilellm.convert.hf_format import DTYPES, ExportError, config_from_hf, read_hf, write_hf
+from megatron_mobilellm.errors import CheckpointError
 from megatron_mobilellm.evaluation import EvaluationError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -27,9 +28,8 @@ def export_checkpoint(checkpoint: str | Path, tokenizer_model: str | None, out: 
     if not Path(tokenizer_model).is_file():
         raise EvaluationError(f"no such tokenizer model ({tokenizer_model})")
     try:
-        tag = resolve_tag(checkpoint)
-        return write_hf(consolidate(checkpoint, tag), read_model_config(checkpoint, tag), out, dtype="fp32",
-                        tokenizer_model=tokenizer_model)
+        _, cfg, state = read_checkpoint(checkpoint)
+        return write_hf(state, cfg, out, dtype="fp32", tokenizer_model=tokenizer_model)
     except (CheckpointError, ExportError) as e:
         raise EvaluationError(str(e)) from None
 

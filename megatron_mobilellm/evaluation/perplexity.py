@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from megatron_mobilellm.data.indexed_dataset import DatasetFormatError, IndexedDataset
+from megatron_mobilellm.data.indexed_dataset import IndexedDataset
+from megatron_mobilellm.errors import DatasetFormatError
 from megatron_mobilellm.evaluation import EvaluationError
 
 
