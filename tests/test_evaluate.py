@@ -24,7 +24,8 @@ from megatron_mobilellm.config import get_config  # noqa: E402
 from megatron_mobilellm.checkpoint_layout import read_checkpoint  # noqa: E402
 from megatron_mobilellm.convert.hf_format import write_hf  # noqa: E402
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter  # noqa: E402
-from megatron_mobilellm.evaluation import EvaluationError, hf_model, perplexity, zero_shot  # noqa: E402
+from megatron_mobilellm.errors import EvaluationError  # noqa: E402
+from megatron_mobilellm.evaluation import hf_model, perplexity, zero_shot  # noqa: E402
 from megatron_mobilellm.evaluation.reference import COLUMNS, PAPER_ROWS, reference_row  # noqa: E402
 from megatron_mobilellm.model.loss import IGNORE_INDEX  # noqa: E402
 
@@ -247,3 +248,19 @@ def test_checkpoint_is_exported_and_evaluated(work, trained, tmp_path):
     assert got["bits_per_byte"] == pytest.approx(want.bits_per_byte, rel=1e-5)
     err = evaluate_tool("--checkpoint", d / "ckpt", "--text", tmp_path / "t.txt", check=False).stderr
     assert err == "error: exporting a checkpoint for evaluation needs its tokenizer (--tokenizer-model)\n"
+
+
+def test_generated_tasks_include_lm_evals_own_and_change_only_data_and_metrics(tmp_path):
+    tasks = zero_shot.paper_tasks()
+    arc = zero_shot.task_config(tasks["arc_easy"], tmp_path / "arc_easy.jsonl")
+    assert arc["include"] == str(tasks["arc_easy"].task_file) and tasks["arc_easy"].task_file.is_file()
+    assert arc["dataset_path"] == "json" and arc["dataset_kwargs"] == {"data_files": {"test": str(tmp_path /
+                                                                                                  "arc_easy.jsonl")}}
+    assert arc["test_split"] == "test" and arc["training_split"] is None and arc["validation_split"] is None
+    assert [m["metric"] for m in arc["metric_list"]] == ["acc", "acc_norm"]
+    boolq = zero_shot.task_config(tasks["boolq"], tmp_path / "boolq.parquet")
+    assert boolq["dataset_path"] == "parquet" and boolq["validation_split"] == "validation"
+    assert boolq["test_split"] is None and "doc_to_text" not in boolq  # prompts stay lm-eval's
+    hub = zero_shot.task_config(tasks["siqa"], None)
+    assert set(hub) == {"include", "task", "metric_list"} and hub["task"] == "social_iqa"
+    assert zero_shot.resolve_tasks(["social_iqa", "siqa", "piqa"]) == [tasks["siqa"], tasks["piqa"]]

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_mobilellm.atomic import atomic_file
-from megatron_mobilellm.evaluation import EvaluationError
+from megatron_mobilellm.errors import EvaluationError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

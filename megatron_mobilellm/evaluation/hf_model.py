@@ -15,8 +15,7 @@ import torch
 from megatron_mobilellm.checkpoint_layout import read_checkpoint
 from megatron_mobilellm.config import ModelConfig
 from megatron_mobilellm.convert.hf_format import DTYPES, ExportError, config_from_hf, read_hf, write_hf
-from megatron_mobilellm.errors import CheckpointError
-from megatron_mobilellm.evaluation import EvaluationError
+from megatron_mobilellm.errors import CheckpointError, EvaluationError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -56,11 +55,18 @@ def llama_dir(hf_dir: str | Path, scratch: Path) -> Path:
                     tokenizer_model=str(tokenizer) if tokenizer.is_file() else None)
 
 
+def _has_protobuf() -> bool:
+    try:
+        return importlib.util.find_spec("google.protobuf") is not None
+    except ModuleNotFoundError:  # no ``google`` namespace at all
+        return False
+
+
 def load(hf_dir: Path, device: str, dtype: str) -> tuple[torch.nn.Module, object]:
     """transformers' model (eval mode, on ``device``) and tokenizer, never resolved on the Hub."""
     import transformers
 
-    if (hf_dir / "tokenizer.model").is_file() and importlib.util.find_spec("google.protobuf") is None:
+    if (hf_dir / "tokenizer.model").is_file() and not _has_protobuf():
         # transformers 5 converts a SentencePiece model through protobuf and otherwise reports "tiktoken is required".
         raise EvaluationError("reading the SentencePiece tokenizer needs protobuf: pip install -e '.[eval]' "
                               f"({hf_dir / 'tokenizer.model'})")

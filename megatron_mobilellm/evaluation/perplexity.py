@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from megatron_mobilellm.data.indexed_dataset import IndexedDataset
-from megatron_mobilellm.errors import DatasetFormatError
-from megatron_mobilellm.evaluation import EvaluationError
+from megatron_mobilellm.errors import DatasetFormatError, EvaluationError
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_mobilellm.evaluation import EvaluationError
+from megatron_mobilellm.errors import EvaluationError
 from megatron_mobilellm.evaluation.reference import COLUMNS, PAPER_ROWS
 
 
