@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from megatron_mobilellm.convert.hf_format import DTYPES, ExportError, config_fro
 from megatron_mobilellm.errors import CheckpointError, EvaluationError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def export_checkpoint(checkpoint: str | Path, tokenizer_model: str | None, out: Path) -> Path:
@@ -39,7 +41,11 @@ def llama_dir(hf_dir: str | Path, scratch: Path) -> Path:
     config = hf_dir / "config.json"
     if not config.is_file():
         raise EvaluationError(f"not a Hugging Face export: no config.json ({hf_dir})")
-    model_type = json.loads(config.read_text()).get("model_type")
+    try:
+        hf_config = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EvaluationError(f"config.json is not JSON ({config})") from None
+    model_type = hf_config.get("model_type")
     if model_type not in ("llama", "mobilellm"):
         raise EvaluationError(f"model_type {model_type!r} is not a Llama or MobileLLM export ({config})")
     if not any((hf_dir / f).is_file() for f in _TOKENIZER_FILES):
@@ -50,9 +56,11 @@ def llama_dir(hf_dir: str | Path, scratch: Path) -> Path:
         state, cfg = read_hf(hf_dir)
     except ExportError as e:
         raise EvaluationError(str(e)) from None
-    tokenizer = hf_dir / "tokenizer.model"
-    return write_hf(state, cfg, scratch / "llama", dtype="fp32",
-                    tokenizer_model=str(tokenizer) if tokenizer.is_file() else None)
+    out = write_hf(state, cfg, scratch / "llama", dtype=_DTYPE_NAMES.get(hf_config.get("torch_dtype"), "fp32"))
+    for f in hf_dir.iterdir():  # the export's own tokenizer, as it is
+        if f.name.startswith(("tokenizer", "special_tokens_map")):
+            shutil.copy(f, out / f.name)
+    return out
 
 
 def _has_protobuf() -> bool:

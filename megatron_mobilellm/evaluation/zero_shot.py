@@ -114,11 +114,16 @@ def task_config(spec: TaskSpec, data: Path | None) -> dict:
     return cfg
 
 
+def _source(spec: TaskSpec, data: Path | None) -> str:
+    return str(data) if data is not None else f"lm-eval task {spec.lm_eval_task}"
+
+
 def _check_rows(task, spec: TaskSpec, data: Path | None, limit: int | None) -> None:
     """Every row renders with lm-eval's templates and names a valid answer: a wrong schema fails here, by row."""
+    where = _source(spec, data)
     docs = task.eval_docs
     if len(docs) == 0:
-        raise EvaluationError(f"task {spec.name} has no rows ({data})")
+        raise EvaluationError(f"task {spec.name} has no rows ({where})")
     for i, doc in enumerate(docs):
         if limit is not None and i >= limit:
             break
@@ -128,10 +133,10 @@ def _check_rows(task, spec: TaskSpec, data: Path | None, limit: int | None) -> N
             ok = gold in choices if isinstance(gold, str) else 0 <= int(gold) < len(choices)
         except Exception as e:  # lm-eval's templates raise whatever the row's shape provokes
             raise EvaluationError(f"row {i + 1} does not have task {spec.name}'s schema ({type(e).__name__}: "
-                                  f"{e}; the row has {', '.join(sorted(doc))}) ({data})") from None
+                                  f"{e}; the row has {', '.join(sorted(doc))}) ({where})") from None
         if not ok:
             raise EvaluationError(f"row {i + 1}: answer {gold!r} is not one of task {spec.name}'s "
-                                  f"{len(choices)} choices ({data})")
+                                  f"{len(choices)} choices ({where})")
 
 
 @dataclass
@@ -162,13 +167,10 @@ def load_tasks(specs: list[TaskSpec], data_dir: Path | None, workdir: Path, limi
     for spec in specs:
         try:
             task = manager.load([spec.lm_eval_task])["tasks"][spec.lm_eval_task]
-        except EvaluationError:
-            raise
         except Exception as e:  # datasets/lm-eval report unreadable files and schema mismatches in many types
-            data = files[spec.name]
-            what = "unreadable or not in the task's Hub schema" if data is not None else "cannot be loaded"
+            what = "unreadable or not in the task's Hub schema" if files[spec.name] else "cannot be loaded"
             raise EvaluationError(f"task {spec.name}: {what} ({type(e).__name__}: {e}) "
-                                  f"({data or 'lm-eval task ' + spec.lm_eval_task})") from None
+                                  f"({_source(spec, files[spec.name])})") from None
         _check_rows(task, spec, files[spec.name], limit)
         tasks.append(task)
     return tasks
