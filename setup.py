@@ -10,9 +10,10 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "deepspeed",
+        "deepspeed>=0.19.8,<0.20",  # tested range; training/zero_overflow.py patches its internals
         "numpy",
         "orjson",
+        "packaging",
         "sentencepiece",
         "tensorboard",
         "safetensors",

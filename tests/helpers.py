@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import socket
@@ -45,6 +46,26 @@ def require_tools(*tools: str) -> None:
     """``require`` for executables: names looked up on PATH, or absolute paths (e.g. /usr/sbin/sshd)."""
     missing = [t for t in tools if not (shutil.which(t) or (os.path.isabs(t) and os.access(t, os.X_OK)))]
     require(not missing, f"needs {' and '.join(missing)}, not installed")
+
+
+def fake_slurm(bin_dir: Path, submitted: str = "") -> None:
+    """Stand-ins to put on PATH: ``scontrol`` expanding a three-node list (gpu-a..c) and naming the submitted
+    script as SLURM does, and a ``deepspeed`` that writes where and with what it was started to $LAUNCH_RECORD."""
+    bin_dir.mkdir()
+    scontrol = ("#!/bin/sh\ncase \"$2\" in\n  hostnames) printf 'gpu-a\\ngpu-b\\ngpu-c\\n' ;;\n"
+                f"  job) printf '   JobId=42 JobName=mobilellm\\n   Command={submitted} 350M\\n' ;;\nesac\n")
+    deepspeed = '#!/bin/sh\npwd > "$LAUNCH_RECORD"\nprintf \'%s\\n\' "$@" >> "$LAUNCH_RECORD"\n'
+    for name, text in (("scontrol", scontrol), ("deepspeed", deepspeed)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+
+def setup_keyword(name: str):
+    """A literal argument of setup.py's ``setup()`` call, read from its source (running setup.py under pytest
+    clashes with the distutils that imported libraries have already loaded)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    return ast.literal_eval(next(k.value for k in call.keywords if k.arg == name))
 
 
 def free_port() -> int:
