@@ -264,3 +264,13 @@ def test_generated_tasks_include_lm_evals_own_and_change_only_data_and_metrics(t
     hub = zero_shot.task_config(tasks["siqa"], None)
     assert set(hub) == {"include", "task", "metric_list"} and hub["task"] == "social_iqa"
     assert zero_shot.resolve_tasks(["social_iqa", "siqa", "piqa"]) == [tasks["siqa"], tasks["piqa"]]
+
+
+def test_table_sets_the_paper_row_beside_ours_over_the_same_columns():
+    tasks = zero_shot.paper_tasks()
+    results = [zero_shot.TaskResult(tasks[name], 5, {"acc": 0.6, "acc_norm": 0.4})
+               for name in ("arc_easy", "boolq")]
+    table = zero_shot.format_table(results, "mine", "MobileLLM-LS-125M").splitlines()
+    assert table[:4] == ["| model | ARC-e | BoolQ | avg |", "|---|---|---|---|", "| mine | 40.0 | 60.0 | 50.0 |",
+                         "| MobileLLM-LS-125M (paper) | 45.8 | 60.4 | 53.1 |"]
+    assert "| boolq | boolq | 5 | 60.0 | 40.0 | acc |" in table

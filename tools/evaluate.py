@@ -63,42 +63,50 @@ def check_paths(args: argparse.Namespace) -> None:
         raise EvaluationError(f"the output's directory does not exist ({args.output})")
 
 
-def run(args: argparse.Namespace, scratch: Path) -> dict:
-    import torch
+def perplexity_summary(args: argparse.Namespace, model, tokenizer) -> dict:
+    from megatron_mobilellm.evaluation import perplexity
 
-    from megatron_mobilellm.evaluation import hf_model, perplexity, zero_shot
+    seq_length = perplexity.check_seq_length(model, args.seq_length)
+    source = args.text or args.data_path
+    measure = perplexity.text_perplexity if args.text is not None else perplexity.dataset_perplexity
+    result = measure(model, tokenizer, source, seq_length, args.batch_size, args.limit)
+    print(perplexity.format_result(result, source))
+    return {"model": args.hf or args.checkpoint, "source": source, **result.to_dict()}
+
+
+def zero_shot_summary(args: argparse.Namespace, model, tokenizer, specs: list, tasks: list) -> dict:
+    from megatron_mobilellm.evaluation import hf_model, zero_shot
     from megatron_mobilellm.evaluation.reference import reference_row
 
-    perplexity_mode = args.text is not None or args.data_path is not None
-    if args.hf is not None:
-        hf_dir = hf_model.llama_dir(args.hf, scratch)
-    if not perplexity_mode:  # task files are checked before a checkpoint is exported or the model loaded
+    results = zero_shot.evaluate(model, tokenizer, specs, tasks, args.batch_size, args.limit)
+    reference = reference_row(hf_model.architecture(model))
+    version = zero_shot.lm_eval_version()
+    print(f"\nzero-shot, lm-eval {version}, {'data from ' + args.data_dir if args.data_dir else 'Hub datasets'}"
+          f"{f', at most {args.limit} rows per task' if args.limit else ''} (accuracy, %)\n")
+    print(zero_shot.format_table(results, args.hf or args.checkpoint, reference))
+    return {"model": args.hf or args.checkpoint, "lm_eval_version": version, "data_dir": args.data_dir,
+            "limit": args.limit, "reference": reference, **zero_shot.results_dict(results, reference)}
+
+
+def run(args: argparse.Namespace, scratch: Path) -> dict:
+    """Check the cheap inputs first (export, task files), then export a checkpoint, load the model, evaluate."""
+    import torch
+
+    from megatron_mobilellm.evaluation import hf_model, zero_shot
+
+    hf_dir = hf_model.llama_dir(args.hf, scratch) if args.hf is not None else None
+    zero_shot_mode = args.text is None and args.data_path is None
+    if zero_shot_mode:
         specs = zero_shot.resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()])
-        data_dir = Path(args.data_dir) if args.data_dir else None
-        tasks = zero_shot.load_tasks(specs, data_dir, scratch, args.limit)
-    if args.checkpoint is not None:
+        tasks = zero_shot.load_tasks(specs, Path(args.data_dir) if args.data_dir else None, scratch, args.limit)
+    if hf_dir is None:
         hf_dir = hf_model.llama_dir(
             hf_model.export_checkpoint(args.checkpoint, args.tokenizer_model, scratch / "export"), scratch)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = hf_model.load(hf_dir, device, args.dtype)
-    label = str(args.hf or args.checkpoint)
-    if perplexity_mode:
-        seq_length = perplexity.check_seq_length(model, args.seq_length)
-        if args.text is not None:
-            result = perplexity.text_perplexity(model, tokenizer, args.text, seq_length, args.batch_size, args.limit)
-        else:
-            result = perplexity.dataset_perplexity(model, tokenizer, args.data_path, seq_length, args.batch_size,
-                                                   args.limit)
-        print(perplexity.format_result(result, args.text or args.data_path))
-        return {"model": label, "source": args.text or args.data_path, **result.to_dict()}
-    results = zero_shot.evaluate(model, tokenizer, specs, tasks, args.batch_size, args.limit)
-    reference = reference_row(hf_model.architecture(model))
-    print(f"\nzero-shot, lm-eval {zero_shot.lm_eval_version()}, "
-          f"{'data from ' + args.data_dir if args.data_dir else 'Hub datasets'}"
-          f"{f', at most {args.limit} rows per task' if args.limit else ''} (accuracy, %)\n")
-    print(zero_shot.format_table(results, label, reference))
-    return {"model": label, "lm_eval_version": zero_shot.lm_eval_version(), "data_dir": args.data_dir,
-            "limit": args.limit, "reference": reference, **zero_shot.results_dict(results, reference)}
+    if zero_shot_mode:
+        return zero_shot_summary(args, model, tokenizer, specs, tasks)
+    return perplexity_summary(args, model, tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,7 +138,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         exit_duration_in_mins=args.exit_duration_in_mins, max_skipped_steps=args.max_skipped_steps,
         loss_spike_factor=args.loss_spike_factor,
         inject_nan_loss_at=frozenset(int(i) for i in args.inject_nan_loss_at.split(",") if i),
-        peak_tflops=args.peak_tflops, skip_train=args.skip_train)
+        peak_tflops=args.peak_tflops)
     return RunConfig(model=model_config(args), engine=engine_config(args), optimizer=optimizer, schedule=schedule,
                      training=training, cli_args=vars(args))
 

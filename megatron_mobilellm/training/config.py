@@ -88,8 +88,6 @@ class TrainingConfig:
     """Fault injection for tests: iterations whose first micro-batch loss rank 0 turns into NaN."""
     peak_tflops: float | None
     """Device peak for MFU (None: from the GPU name)."""
-    skip_train: bool = False
-    """Only evaluate the loaded weights on the validation and test splits (Megatron's ``--skip-train``)."""
 
 
 @dataclass
