@@ -15,3 +15,7 @@ class CheckpointError(ValueError):
 
 class DatasetFormatError(ValueError):
     """A ``.bin``/``.idx`` pair that is missing or does not follow the format; the message names the file."""
+
+
+class EvaluationError(ValueError):
+    """Input that cannot be evaluated as asked (missing task file, wrong schema, not a Llama export); names it."""

@@ -38,8 +38,11 @@ def requested_samples(args: argparse.Namespace) -> dict[str, int]:
     """Megatron-LM's requests, so the valid set is Megatron-LM's (it walks on by --eval-iters batches per
     validation; each validation here uses the first --eval-iters batches, the ones of Megatron-LM's first)."""
     validations = args.train_iters // args.eval_interval + 1
-    return {"train": args.train_iters * args.global_batch_size,
-            "valid": validations * args.eval_iters * args.global_batch_size}
+    samples = {"train": args.train_iters * args.global_batch_size,
+               "valid": validations * args.eval_iters * args.global_batch_size}
+    if args.skip_train:  # no train set; Megatron-LM's test request, --eval-iters batches
+        samples.update(train=0, test=args.eval_iters * args.global_batch_size)
+    return samples
 
 
 def check_data(args: argparse.Namespace) -> None:
@@ -87,15 +90,18 @@ def pretrain(args: argparse.Namespace) -> TrainState:
         writer.line(f"resumed from {args.load}/{plan.tag} at iteration {state.iteration}")
     elif weights is not None:
         writer.line(f"initialised weights from {args.load}; starting at iteration 0")
+    elif args.skip_train:
+        raise CheckpointError(f"no complete checkpoint to evaluate in {args.load} (--skip-train)")
     elif args.load:
         writer.line(f"no complete checkpoint in {args.load}; starting from scratch")
     writer.line(f"world size {world} | micro batch {args.micro_batch_size} | gradient accumulation {accum} | "
                 f"global batch {args.global_batch_size} | precision {'bf16' if bf16 else 'fp32'} | "
                 f"ZeRO stage {engine.zero_optimization_stage()} | device {device}")
 
-    # Train, then finish in order.
+    # Train (or only evaluate), then finish in order.
+    trainer = Trainer(run, engine, scheduler, guard, datasets, writer, device, state)
     try:
-        Trainer(run, engine, scheduler, guard, datasets, writer, device, state).train()
+        trainer.evaluate_only() if args.skip_train else trainer.train()
     finally:
         writer.close()
     # An orderly teardown: leaving gloo/NCCL threads to the interpreter's exit can abort a rank after success.

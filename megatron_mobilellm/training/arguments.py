@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, help="resume from the newest checkpoint here, if any")
     g.add_argument("--finetune", action="store_true",
                    help="take only the weights from --load; start at iteration 0 with a fresh optimizer")
+    g.add_argument("--skip-train", action="store_true",
+                   help="evaluate --load on the validation and test splits (--eval-iters batches each) and exit: "
+                        "no training step, nothing saved")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
@@ -162,6 +165,9 @@ def validate_args(args: argparse.Namespace) -> None:
         check(args.save_interval > 0, "--save-interval must be positive")
         check(args.save is not None, "--save-interval needs --save DIR")
     check(not args.finetune or args.load is not None, "--finetune needs --load DIR")
+    check(not args.skip_train or args.load is not None, "--skip-train needs a checkpoint to evaluate (--load)")
+    check(not args.skip_train or args.eval_iters > 0,
+          "--skip-train evaluates --eval-iters batches per split, so it must be positive (--eval-iters)")
     check(args.keep_last is None or args.keep_last >= 1, "--keep-last must be >= 1")
     check(args.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
     check(args.loss_spike_factor is None or args.loss_spike_factor > 1, "--loss-spike-factor must be > 1")

@@ -194,13 +194,22 @@ class Trainer:
             "train/tokens_per_sec": speed["tokens_per_sec"], "train/tflops_per_gpu": speed["tflops_per_gpu"],
             "train/mfu": speed["mfu"], "train/mem_max_allocated_gib": mem})
 
-    def validate(self) -> None:
+    def validate(self, split: str = "valid", label: str = "validation") -> None:
         cfg = self.cfg
-        loss = evaluate(self.engine, self.datasets["valid"], cfg.eval_iters, cfg.global_batch_size,
+        loss = evaluate(self.engine, self.datasets[split], cfg.eval_iters, cfg.global_batch_size,
                         cfg.micro_batch_size, self.device)
-        self.writer.line(f" validation at iteration {self.state.iteration} | lm loss {loss:.6E} | "
+        self.writer.line(f" {label} at iteration {self.state.iteration} | lm loss {loss:.6E} | "
                          f"lm loss PPL {perplexity(loss):.4f}")
-        self.writer.scalars(self.state.iteration, {"valid/loss": loss, "valid/ppl": perplexity(loss)})
+        self.writer.scalars(self.state.iteration, {f"{split}/loss": loss, f"{split}/ppl": perplexity(loss)})
+
+    def evaluate_only(self) -> None:
+        """``--skip-train``: the loaded weights on the validation and test splits, logged at the loaded iteration."""
+        for split, label in (("valid", "validation"), ("test", "test")):
+            if self.datasets[split] is None:
+                self.writer.line(f" {label} at iteration {self.state.iteration}: no {split} documents (--split)")
+            else:
+                self.validate(split, label)
+        self.writer.line(f"--skip-train: evaluated iteration {self.state.iteration}; no step taken, nothing saved")
 
     def save(self) -> None:
         save_checkpoint(self.engine, self.cfg.save, self.state, self.run.model, self.run.cli_args, self.cfg.keep_last)
