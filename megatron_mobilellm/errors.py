@@ -19,3 +19,13 @@ class DatasetFormatError(ValueError):
 
 class EvaluationError(ValueError):
     """Input that cannot be evaluated as asked (missing task file, wrong schema, not a Llama export); names it."""
+
+
+def user_message(error: BaseException) -> str:
+    """The error's own message, also when a DataLoader worker raised it: torch then re-raises it with the worker's
+    whole traceback as the message, of which the user needs only the last line."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{type(error).__module__}.{type(error).__name__}: ") else last

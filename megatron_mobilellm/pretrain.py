@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mobilellm.data.builder import build_datasets, check_data_args
-from megatron_mobilellm.errors import CheckpointError, ConfigError, DatasetFormatError
+from megatron_mobilellm.errors import CheckpointError, ConfigError, DatasetFormatError, user_message
 from megatron_mobilellm.training.arguments import data_parallel_checks, parse_args, run_config
 from megatron_mobilellm.training.checkpointing import (TrainState, initial_weights, load_checkpoint, plan_resume,
                                                        prepare_universal)
@@ -72,7 +72,7 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     # Build: process group, data, engine, and the state to continue from.
     device = init_distributed()
     datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, requested_samples(args),
-                              args.data_cache_path)
+                              args.data_cache_path, run.model.vocab_size)
     if datasets["valid"] is not None and len(datasets["valid"]) < args.eval_iters * args.global_batch_size:
         raise ConfigError(f"--eval-iters {args.eval_iters} needs {args.eval_iters * args.global_batch_size} "
                           f"validation samples; the valid split has {len(datasets['valid'])} (--data-path, --split)")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         pretrain(parse_args(argv))
     except (ConfigError, DatasetFormatError, CheckpointError, TrainingStopped) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
