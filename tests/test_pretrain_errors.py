@@ -94,7 +94,8 @@ def test_ds_config_missing_or_invalid(corpus, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("content,message", [
     ("[]", "the DeepSpeed config must be a JSON object, not a list (--deepspeed_config {path})"),
     ('{"bf16": true}', '"bf16" must be a section (a JSON object), not true (--deepspeed_config {path})'),
-    ('{"zero_optimization": 2}', '"zero_optimization" must be a section (a JSON object), not 2 (--deepspeed_config {path})'),
+    ('{"zero_optimization": 2}',
+     '"zero_optimization" must be a section (a JSON object), not 2 (--deepspeed_config {path})'),
     (None, "the DeepSpeed config is a folder, not a JSON file (--deepspeed_config {path})"),
 ])
 def test_ds_config_of_the_wrong_shape(corpus, tmp_path, capsys, monkeypatch, content, message):
