@@ -21,8 +21,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from megatron_mobilellm.data.builder import build_datasets, open_datasets, parse_data_path
-from megatron_mobilellm.data.gpt_dataset import parse_split
+from megatron_mobilellm.data.builder import build_datasets, check_data_args
 from megatron_mobilellm.errors import ConfigError, DatasetFormatError, cli_main
 from megatron_mobilellm.training.arguments import data_parallel_checks, parse_args, run_config
 from megatron_mobilellm.training.checkpointing import (TrainState, check_resume, initial_weights, load_checkpoint,
@@ -34,11 +33,19 @@ from megatron_mobilellm.training.loop import Trainer
 from megatron_mobilellm.training.metrics import MetricsWriter
 
 
+def requested_samples(args: argparse.Namespace) -> dict[str, int]:
+    """Megatron-LM's requests, so the valid set is Megatron-LM's (it walks on by --eval-iters batches per
+    validation; each validation here uses the first --eval-iters batches, the ones of Megatron-LM's first)."""
+    validations = args.train_iters // args.eval_interval + 1
+    return {"train": args.train_iters * args.global_batch_size,
+            "valid": validations * args.eval_iters * args.global_batch_size}
+
+
 def check_data(args: argparse.Namespace) -> None:
     """Fail on a bad --data-path/--split before starting any process group or building a model."""
     try:
-        parse_split(args.split)
-        open_datasets(parse_data_path(args.data_path)[1])
+        for warning in check_data_args(args.data_path, args.split, args.seq_length, requested_samples(args)):
+            rank0_print(f"warning: {warning}")
     except DatasetFormatError:
         raise
     except ValueError as e:
@@ -62,10 +69,11 @@ def pretrain(args: argparse.Namespace) -> TrainState:
 
     # Build: process group, data, engine, and the state to continue from.
     device = init_distributed()
-    num_samples = {"train": args.train_iters * args.global_batch_size,
-                   "valid": args.eval_iters * args.global_batch_size}
-    datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, num_samples,
+    datasets = build_datasets(args.data_path, args.split, args.seq_length, args.seed, requested_samples(args),
                               args.data_cache_path)
+    if datasets["valid"] is not None and len(datasets["valid"]) < args.eval_iters * args.global_batch_size:
+        raise ConfigError(f"--eval-iters {args.eval_iters} needs {args.eval_iters * args.global_batch_size} "
+                          f"validation samples; the valid split has {len(datasets['valid'])} (--data-path, --split)")
     weights = initial_weights(args.load, run.model, args.finetune) if args.load and not plan else None
     engine, scheduler, guard = build_engine(run.model, run.engine, run.optimizer, run.schedule, device, ds_config,
                                             weights)

@@ -19,12 +19,15 @@ Files appear atomically: the writer works on temporary names and renames them on
 from __future__ import annotations
 
 import errno
+import hashlib
 import struct
 from contextlib import ExitStack, contextmanager
+from functools import cached_property
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from megatron_mobilellm.atomic import atomic_files, remove_stale_temporaries, write_error_message
 from megatron_mobilellm.errors import DatasetFormatError
@@ -106,8 +109,9 @@ class IndexedDatasetWriter:
     def add_document(self, tokens: np.ndarray) -> None:
         self.add_documents(tokens, np.array([len(tokens)]))
 
-    def append_dataset(self, ds: "IndexedDataset") -> None:
-        """Copy another dataset of the same dtype, keeping its sequences and document boundaries."""
+    def append_dataset(self, ds: "IndexedDataset", on_bytes: Callable[[int], object] | None = None) -> None:
+        """Copy another dataset of the same dtype, keeping its sequences and document boundaries; ``on_bytes``
+        hears of every block copied (a progress bar)."""
         if ds.dtype != self.dtype:
             raise DatasetFormatError(f"{ds.prefix}: token dtype {ds.dtype}, but this dataset is {self.dtype}")
         src_path = bin_path(ds.prefix)
@@ -118,6 +122,8 @@ class IndexedDatasetWriter:
         with src, _writing(bin_path(self.prefix)):
             while block := src.read(64 << 20):
                 self._bin.write(block)
+                if on_bytes:
+                    on_bytes(len(block))
         self._record(ds.sequence_lengths.astype(np.int64), np.asarray(ds.document_indices[:-1], dtype=np.int64))
         self.num_tokens += ds.num_tokens
 
@@ -157,6 +163,23 @@ def write_index(f: IO[bytes], dtype: np.dtype, lengths: np.ndarray, doc_index: n
     f.write(np.asarray(doc_index, dtype=np.int64).tobytes())
 
 
+def check_index_arrays(ipath: Path, lengths: np.ndarray, pointers: np.ndarray, doc_index: np.ndarray,
+                       itemsize: int) -> None:
+    """Vectorised consistency of an opened index, so a corrupted ``.idx`` fails at open instead of mid-run."""
+    if len(lengths) and lengths.min() < 0:
+        raise DatasetFormatError(f"{ipath}: negative length for sequence {int(np.argmax(lengths < 0))}")
+    expected = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1].astype(np.int64) * itemsize, out=expected[1:])
+    bad = np.flatnonzero(pointers != expected)
+    if bad.size:
+        i = int(bad[0])
+        raise DatasetFormatError(f"{ipath}: sequence {i} points to byte {int(pointers[i])}, but the lengths before "
+                                 f"it place it at byte {int(expected[i])} (corrupted pointers)")
+    if len(doc_index) == 0 or doc_index[0] != 0 or doc_index[-1] != len(lengths) or np.any(np.diff(doc_index) < 0):
+        raise DatasetFormatError(f"{ipath}: the document index is not an increasing list of sequence starts "
+                                 f"from 0 to {len(lengths)} (corrupted index)")
+
+
 class IndexedDataset:
     """Read-only, memory-mapped view of ``PREFIX.bin/.idx``; ``ds[i]`` is sequence ``i`` as a numpy view.
 
@@ -188,6 +211,8 @@ class IndexedDataset:
         self.sequence_lengths = np.frombuffer(self._idx, dtype=np.int32, count=n_seq, offset=off)
         self.sequence_pointers = np.frombuffer(self._idx, dtype=np.int64, count=n_seq, offset=off + 4 * n_seq)
         self.document_indices = np.frombuffer(self._idx, dtype=np.int64, count=n_doc, offset=off + 12 * n_seq)
+        check_index_arrays(ipath, self.sequence_lengths, self.sequence_pointers, self.document_indices,
+                           self.dtype.itemsize)
         total = int(self.sequence_lengths.sum(dtype=np.int64)) * self.dtype.itemsize
         size = bpath.stat().st_size
         if size != total:
@@ -197,6 +222,16 @@ class IndexedDataset:
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
+
+    @cached_property
+    def identity(self) -> dict:
+        """What index arrays built from this dataset depend on, for cache keys: a dataset rewritten in place,
+        even with the same sizes and document count, gets a new identity (file times and a hash of the lengths)."""
+        ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
+        ist, bst = ipath.stat(), bpath.stat()
+        lengths_hash = hashlib.blake2b(memoryview(np.ascontiguousarray(self.sequence_lengths)), digest_size=16)
+        return {"prefix": str(Path(self.prefix).resolve()), "idx_size": ist.st_size, "idx_mtime_ns": ist.st_mtime_ns,
+                "bin_size": bst.st_size, "bin_mtime_ns": bst.st_mtime_ns, "lengths_blake2b": lengths_hash.hexdigest()}
 
     @property
     def num_tokens(self) -> int:
@@ -212,7 +247,7 @@ class IndexedDataset:
         return self.get(i)
 
 
-def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path) -> int:
+def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path, progress: bool = False) -> int:
     """Concatenate datasets (same token dtype) into one, keeping every sequence and document boundary.
 
     Returns the number of sequences written; output appears atomically as with the writer.
@@ -226,7 +261,9 @@ def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path) -> int
     if len({ds.dtype for ds in datasets}) != 1:
         raise DatasetFormatError("cannot merge datasets of different token dtypes: "
                                  + ", ".join(f"{ds.prefix}={ds.dtype}" for ds in datasets))
-    with IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer:
+    total = sum(ds.num_tokens * ds.dtype.itemsize for ds in datasets)
+    with IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
         for ds in datasets:
-            writer.append_dataset(ds)
+            writer.append_dataset(ds, bar.update)
     return writer.num_sequences
