@@ -55,8 +55,18 @@ def has_checkpoint(checkpoint_dir: str | Path) -> bool:
 
 
 def latest_tag(checkpoint_dir: str | Path) -> str | None:
-    """The tag ``latest`` names, or None without one."""
-    return (Path(checkpoint_dir) / LATEST).read_text().strip() if has_checkpoint(checkpoint_dir) else None
+    """The tag ``latest`` names, or None without one; a ``latest`` that names no tag (binary, damaged) is an
+    error naming it."""
+    if not has_checkpoint(checkpoint_dir):
+        return None
+    path = Path(checkpoint_dir) / LATEST
+    try:
+        tag = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        tag = ""
+    if not re.fullmatch(r"[\w.-]+", tag):
+        raise CheckpointError(f"'{LATEST}' does not name a checkpoint tag (a damaged or foreign file) ({path})")
+    return tag
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -77,8 +87,12 @@ def write_manifest(tag_dir: Path, iteration: int, world_size: int, zero_stage: i
 
 
 def read_manifest(tag_dir: Path) -> dict:
-    """Iteration, world size, ZeRO stage and file sizes of a committed save."""
-    return json.loads((tag_dir / MANIFEST).read_text())
+    """Iteration, world size, ZeRO stage and file sizes of a committed save (ValueError if it has not that shape)."""
+    manifest = json.loads((tag_dir / MANIFEST).read_text())
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+            and all(isinstance(manifest.get(k), int) for k in ("iteration", "world_size", "zero_stage"))):
+        raise ValueError(f"{tag_dir / MANIFEST} is not a manifest")
+    return manifest
 
 
 def verify_manifest(tag_dir: Path) -> str | None:
@@ -87,7 +101,7 @@ def verify_manifest(tag_dir: Path) -> str | None:
         manifest = read_manifest(tag_dir)
     except FileNotFoundError:
         return "no manifest (the save did not complete)"
-    except json.JSONDecodeError:
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         return "unreadable manifest"
     for name, size in manifest["files"].items():
         path = tag_dir / name
@@ -180,7 +194,7 @@ def write_imported_weights(output: str | Path, state: dict[str, torch.Tensor], c
 
     output = Path(output)
     if output.exists() and any(output.iterdir()):
-        raise ValueError(f"--output {output} exists and is not empty")
+        raise CheckpointError(f"the output folder exists and is not empty (--output {output})")
     with atomic_directory(output) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / IMPORTED_WEIGHTS))
         cfg.save(tmp / MODEL_CONFIG_FILE)

@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 
 import torch
 import torch.distributed as dist
 
 from megatron_mobilellm.data.builder import build_datasets, check_data_args
-from megatron_mobilellm.errors import CheckpointError, ConfigError, DatasetFormatError, user_message
+from megatron_mobilellm.errors import CheckpointError, ConfigError, DatasetFormatError, cli_main
 from megatron_mobilellm.training.arguments import data_parallel_checks, parse_args, run_config
-from megatron_mobilellm.training.checkpointing import (TrainState, initial_weights, load_checkpoint, plan_resume,
-                                                       prepare_universal)
+from megatron_mobilellm.training.checkpointing import (TrainState, check_resume, initial_weights, load_checkpoint,
+                                                       plan_resume, prepare_universal)
 from megatron_mobilellm.training.distributed import init_distributed, rank0_print
 from megatron_mobilellm.training.ds_config import build_ds_config
 from megatron_mobilellm.training.engine import build_engine, check_cuda_graphs
-from megatron_mobilellm.training.loop import Trainer, TrainingStopped
+from megatron_mobilellm.training.loop import Trainer
 from megatron_mobilellm.training.metrics import MetricsWriter
 
 
@@ -66,6 +65,8 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     check_cuda_graphs(args.cuda_graphs, ds_config, args.deepspeed_config)
     run = run_config(args)
     plan = plan_resume(args.load, world, rank0_print) if args.load and not args.finetune else None
+    if plan:
+        check_resume(args.load, plan, run.model, ds_config.get("zero_optimization", {}).get("stage", 0))
     if plan and plan.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
@@ -110,14 +111,11 @@ def pretrain(args: argparse.Namespace) -> TrainState:
     return state
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> None:
     # DeepSpeed still calls collectives that torch has renamed; the warnings repeat every step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
-    try:
-        pretrain(parse_args(argv))
-    except (ConfigError, DatasetFormatError, CheckpointError, TrainingStopped) as e:
-        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    pretrain(parse_args(argv))
 
 
 if __name__ == "__main__":

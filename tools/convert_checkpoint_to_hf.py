@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from megatron_mobilellm.checkpoint_layout import read_checkpoint
 from megatron_mobilellm.convert.hf_format import DTYPES, FORMATS, ExportError, write_hf
-from megatron_mobilellm.errors import CheckpointError
+from megatron_mobilellm.errors import cli_main
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the --save directory of a training run")
@@ -34,13 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true", help="compare logits of the export with our model")
     p.add_argument("--tolerance", type=float, default=1e-4, help="--verify: max |Δlogits| allowed")
     args = p.parse_args(argv)
-    try:
-        tag, cfg, state = read_checkpoint(args.checkpoint, args.tag, args.iteration)
-        out = write_hf(state, cfg, args.output, args.dtype, args.format, args.tokenizer_model, args.overwrite,
-                       int(args.max_shard_size_gb * (1 << 30)), source=args.checkpoint)
-    except (CheckpointError, ExportError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.tokenizer_model and not Path(args.tokenizer_model).is_file():
+        raise ExportError(f"no such file (--tokenizer-model {args.tokenizer_model})")
+    tag, cfg, state = read_checkpoint(args.checkpoint, args.tag, args.iteration)
+    out = write_hf(state, cfg, args.output, args.dtype, args.format, args.tokenizer_model, args.overwrite,
+                   int(args.max_shard_size_gb * (1 << 30)), source=args.checkpoint)
     params = sum(v.numel() for v in state.values())
     print(f"exported {args.checkpoint}/{tag} ({params:,} parameters, {cfg.num_passes} layers as seen by "
           f"{args.format}) → {out} [{args.dtype}]")

@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from megatron_mobilellm import safe_load
 from megatron_mobilellm.atomic import atomic_directory
 from megatron_mobilellm.config import ModelConfig
+from megatron_mobilellm.errors import UserError
+from megatron_mobilellm.model import MobileLLM
 from megatron_mobilellm.model.hf_adapter import from_hf, hf_config_dict, to_hf
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -27,7 +29,7 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.floa
 FORMATS = ("llama", "mobilellm")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An output or input Hugging Face directory that cannot be written or read as asked."""
 
 
@@ -180,14 +182,30 @@ def read_hf(hf_dir: str | Path, layer_sharing: bool = False) -> tuple[dict[str, 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ExportError(f"--hf {hf_dir}: no config.json")
-    hf_cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg = config_from_hf(hf_cfg, layer_sharing)
+    config_file = hf_dir / "config.json"
+    try:
+        hf_cfg = json.loads(config_file.read_text())
+        cfg = config_from_hf(hf_cfg, layer_sharing)
+    except json.JSONDecodeError as e:
+        raise ExportError(f"config.json is not valid JSON: {e} ({config_file})") from None
+    except (KeyError, TypeError, AttributeError) as e:  # a missing key, or not a JSON object
+        raise ExportError(f"config.json has no usable {e} entry ({config_file})") from None
     tensors = _read_weights(hf_dir)
     if "model.embed_tokens.weight" not in tensors:
         raise ExportError(f"--hf {hf_dir}: no model.embed_tokens.weight in the weights")
     compact = hf_cfg.get("model_type") == "mobilellm"
-    if compact:  # one HF layer per block: map as a non-shared model, then mark sharing in the config
-        mapped = from_hf(tensors, ModelConfig(**{**cfg.to_dict(), "layer_sharing": False}))
-    else:
-        mapped = from_hf(tensors, cfg)
+    # One HF layer per block in the compact format: map as a non-shared model, then mark sharing in the config.
+    mapped_cfg = ModelConfig(**{**cfg.to_dict(), "layer_sharing": False}) if compact else cfg
+    try:
+        mapped = from_hf(tensors, mapped_cfg)
+    except KeyError as e:
+        raise ExportError(f"the weights have no tensor {e} that config.json implies ({hf_dir})") from None
+    except (ValueError, RuntimeError) as e:  # differing shared layers, or q/k/v shapes that do not fit
+        raise ExportError(f"the weights do not fit config.json: {e} ({hf_dir})") from None
+    with torch.device("meta"):
+        expected = MobileLLM(mapped_cfg).state_dict()
+    for name, tensor in mapped.items():
+        if tensor.shape != expected[name].shape:
+            raise ExportError(f"tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                              f"{tuple(expected[name].shape)} ({hf_dir})")
     return {k: v.float().contiguous() for k, v in mapped.items()}, cfg

@@ -23,10 +23,11 @@ import torch.distributed as dist
 
 from megatron_mobilellm.atomic import atomic_directory
 from megatron_mobilellm.checkpoint_layout import (MODEL_CONFIG_FILE, is_imported, iteration_tags, latest_tag,
-                                                  read_checkpoint, read_imported_weights, read_manifest, tag_for,
+                                                  read_checkpoint, read_imported_weights, read_manifest,
+                                                  read_model_config, tag_for,
                                                   verify_manifest, write_latest, write_manifest)
 from megatron_mobilellm.config import ModelConfig
-from megatron_mobilellm.errors import ConfigError
+from megatron_mobilellm.errors import CheckpointError, ConfigError
 from megatron_mobilellm.safe_load import load, weights_only_loads
 
 
@@ -125,7 +126,11 @@ def plan_resume(load_dir: str, world_size: int, log=print) -> ResumePlan | None:
     d = Path(load_dir)
     if not d.is_dir():
         return None
-    latest = latest_tag(d)
+    try:
+        latest = latest_tag(d)
+    except CheckpointError as e:
+        log(f"warning: {e}; looking for the newest complete checkpoint instead")
+        latest = None
     candidates = ([latest] if latest else []) + [t for t in iteration_tags(d) if t != latest]
     for tag in candidates:
         reason = verify_manifest(d / tag)
@@ -135,6 +140,24 @@ def plan_resume(load_dir: str, world_size: int, log=print) -> ResumePlan | None:
             return ResumePlan(tag, manifest, universal)
         log(f"warning: skipping checkpoint {d / tag}: {reason}; falling back to an older one")
     return None
+
+
+def check_resume(load_dir: str, plan: ResumePlan, cfg: ModelConfig, zero_stage: int) -> None:
+    """Refuse a resume DeepSpeed would fail on with a long traceback, before it loads anything: another model
+    config (a tensor size mismatch), or a ZeRO stage switch its checkpoint files cannot follow (0 ↔ 1/2 ↔ 3;
+    1 ↔ 2 share one optimizer layout)."""
+    saved_cfg = read_model_config(load_dir, plan.tag)
+    if saved_cfg != cfg:
+        changed = ", ".join(f"{k} {v} → {getattr(cfg, k)}" for k, v in saved_cfg.to_dict().items()
+                            if getattr(cfg, k) != v)
+        raise ConfigError(f"checkpoint {plan.tag} holds another model ({changed}); use its --model-size and "
+                          f"model flags, or another --load (--load {load_dir})")
+    saved_stage = plan.manifest["zero_stage"]
+    if saved_stage != zero_stage and {saved_stage, zero_stage} != {1, 2}:
+        raise ConfigError(f"checkpoint {plan.tag} was saved under ZeRO-{saved_stage}, this run uses "
+                          f"ZeRO-{zero_stage}, and DeepSpeed cannot carry the optimizer state across that switch; "
+                          f"resume with a ZeRO-{saved_stage} --deepspeed_config, or take only the weights with "
+                          f"--finetune (--load {load_dir})")
 
 
 def prepare_universal(load_dir: str, plan: ResumePlan) -> None:

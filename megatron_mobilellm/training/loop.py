@@ -15,14 +15,15 @@ import torch.distributed as dist
 
 from megatron_mobilellm.checkpoint_layout import tag_for
 from megatron_mobilellm.data.builder import build_loader
+from megatron_mobilellm.errors import UserError
 from megatron_mobilellm.training.checkpointing import TrainState, save_checkpoint
 from megatron_mobilellm.training.config import RunConfig
 from megatron_mobilellm.training.distributed import DeferredAnyRank, all_ranks_mean
-from megatron_mobilellm.training.guard import BadStepPolicy
+from megatron_mobilellm.training.guard import BadStepPolicy, NonFiniteGradGuard
 from megatron_mobilellm.training.metrics import MetricsWriter, Throughput, flops_per_token, max_memory_gib, perplexity
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Too many consecutive bad steps; the message names the iteration and the samples involved."""
 
 
@@ -47,11 +48,12 @@ class StepResult:
 
 
 def train_step(engine, batches, accum: int, device: torch.device, spike_policy: BadStepPolicy | None = None,
-               inject_nan: bool = False) -> StepResult:
+               inject_nan: bool = False, guard: NonFiniteGradGuard | None = None) -> StepResult:
     """One optimizer step: ``accum`` micro-batches of forward/backward, DeepSpeed steps at the boundary.
 
     With ``spike_policy``, the ranks agree on the step's mean loss before the last backward; a spike is vetoed by
-    making that loss NaN, so the engine's own overflow handling discards the step.
+    making that loss NaN, so the engine's own overflow handling discards the step. ``guard`` (fp32 ZeRO-0) measures
+    the reduced gradients' norm after the last backward, before DeepSpeed clips them.
     """
     total = torch.zeros((), device=device)
     global_loss = float("nan")
@@ -66,6 +68,8 @@ def train_step(engine, batches, accum: int, device: torch.device, spike_policy: 
             if spike_policy.is_spike(global_loss):
                 loss = loss * float("nan")
         engine.backward(loss)
+        if micro == accum - 1 and guard is not None:
+            guard.measure()
         engine.step()
     return StepResult(total / accum, global_loss)
 
@@ -129,7 +133,8 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             step = train_step(self.engine, batches, self.accum, self.device,
                               self.policy if cfg.loss_spike_factor else None,
-                              inject_nan=state.iteration + 1 in cfg.inject_nan_loss_at and rank == 0)
+                              inject_nan=state.iteration + 1 in cfg.inject_nan_loss_at and rank == 0,
+                              guard=self.guard)
             state.iteration += 1
             state.consumed_samples += cfg.global_batch_size
             throughput.iters += 1
@@ -169,7 +174,7 @@ class Trainer:
         state, policy = self.state, self.policy
         first = state.consumed_samples - self.cfg.global_batch_size
         self.writer.line(f"skipped the update of iteration {state.iteration} (loss {all_ranks_mean(step.local_loss):.4E}"
-                         f", grad norm {self.engine.get_global_grad_norm()}); global samples [{first}, "
+                         f", grad norm {self.grad_norm()}); global samples [{first}, "
                          f"{state.consumed_samples}); {policy.consecutive} in a row, {policy.total} in total")
         if policy.exhausted:
             raise TrainingStopped(
@@ -177,9 +182,17 @@ class Trainer:
                 f", the last at iteration {state.iteration}, global samples [{first}, {state.consumed_samples})"
                 f" of the train split; inspect that data, lower --lr, or resume from an earlier checkpoint")
 
+    def grad_norm(self) -> float:
+        """The last step's global gradient norm before clipping: DeepSpeed's, or the guard's in fp32 ZeRO-0 where
+        DeepSpeed keeps none."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None and self.guard is not None:
+            norm = self.guard.grad_norm
+        return float(norm if norm is not None else float("nan"))
+
     def log(self, loss: float, lr: float, speed: dict[str, float]) -> None:
         state, cfg = self.state, self.cfg
-        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        grad_norm = self.grad_norm()
         mem = max_memory_gib(self.device)
         self.writer.line(
             f" iteration {state.iteration:8d}/{cfg.train_iters:8d} | consumed samples {state.consumed_samples:12d} | "
