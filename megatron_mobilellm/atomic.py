@@ -18,19 +18,26 @@ def _tmp_name(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """An open file that becomes ``path`` (flushed to disk) only when the block completes."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file name that becomes ``path`` (flushed to disk) when the block completes — for writers that
+    open the file themselves (the gguf library, llama.cpp's quantizer)."""
     path = Path(path)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """An open file that becomes ``path`` (flushed to disk) only when the block completes."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 @contextmanager
