@@ -21,5 +21,6 @@ setup(
     extras_require={
         "dev": ["pytest", "transformers", "megatron-core==0.16.1", "triton", "matplotlib"],
         "flash": ["flash-attn"],
+        "ondevice": ["gguf==0.19.0", "protobuf", "llama-cpp-python"],
     },
 )

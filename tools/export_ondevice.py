@@ -33,11 +33,12 @@ def _load(args: argparse.Namespace):
             raise ExportError("a GGUF carries its tokenizer: --checkpoint needs --tokenizer-model (--tokenizer-model)")
         tag = resolve_tag(args.checkpoint, args.tag, args.iteration)
         return consolidate(args.checkpoint, tag), read_model_config(args.checkpoint, tag), args.tokenizer_model
-    tokenizer = args.tokenizer_model or Path(args.hf) / "tokenizer.model"
-    if not Path(tokenizer).is_file():
-        raise ExportError(f"no SentencePiece tokenizer.model in {args.hf}; pass --tokenizer-model (--hf)")
     state, cfg = read_hf(args.hf)
-    return state, cfg, tokenizer
+    if args.tokenizer_model:
+        return state, cfg, args.tokenizer_model
+    if not (Path(args.hf) / "tokenizer.model").is_file():
+        raise ExportError(f"no SentencePiece tokenizer.model in {args.hf}; pass --tokenizer-model (--hf)")
+    return state, cfg, Path(args.hf) / "tokenizer.model"
 
 
 def main(argv: list[str] | None = None) -> int:
