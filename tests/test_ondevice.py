@@ -1,6 +1,7 @@
 """On-device export: MobileLLM → GGUF, checked by running the file in llama.cpp against transformers' Llama."""
 
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -206,7 +207,7 @@ def test_a_wrong_mapping_is_caught(llama_cpp, tmp_path, tokenizer, monkeypatch, 
     assert max_diff_vs_transformers(llama_cpp, tmp_path / "bad.gguf", hf, cfg.vocab_size) > 0.1
 
 
-def test_bad_input_one_line_exit_1_nothing_written(tmp_path, tokenizer):
+def test_bad_input_one_line_exit_1_nothing_written(tmp_path, tokenizer, capsys):
     cfg = tiny_config()
     hf, _ = hf_export(tmp_path, cfg, tokenizer)
     (tmp_path / "gpt2").mkdir()
@@ -227,15 +228,20 @@ def test_bad_input_one_line_exit_1_nothing_written(tmp_path, tokenizer):
         "exists; pass --overwrite": ["--hf", hf, "--output", tmp_path / "exists.gguf"],
         "the model's vocabulary is 100": ["--hf", hf, "--output", out],
     }
+    res = tool(*cases["is not a MobileLLM or Llama model"], check=False)  # the real process: exit status 1
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    spec = importlib.util.spec_from_file_location("export_ondevice", ROOT / "tools" / "export_ondevice.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
     config = json.loads((hf / "config.json").read_text())
-    for expected, args in cases.items():
+    for expected, args in cases.items():  # in this process: one torch import instead of one per case
         if expected.startswith("the model's vocabulary"):  # a tokenizer larger than the model's embedding
             (hf / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
-        res = tool(*args, check=False)
-        lines = res.stderr.strip().splitlines()
-        assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], \
-            (expected, res.stderr)
-        assert not out.parent.exists() and (tmp_path / "exists.gguf").read_bytes() == b"mine"
+        assert cli.main(list(map(str, args))) == 1, expected
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (expected, captured.err)
+        assert not captured.out and not out.parent.exists() and (tmp_path / "exists.gguf").read_bytes() == b"mine"
         assert not list(tmp_path.glob(".*tmp*"))
 
 
