@@ -10,9 +10,10 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "deepspeed",
+        "deepspeed>=0.19.8,<0.20",  # tested range; training/zero_overflow.py patches its internals
         "numpy",
         "orjson",
+        "packaging",
         "sentencepiece",
         "tensorboard",
         "safetensors",
@@ -21,6 +22,7 @@ setup(
     extras_require={
         "dev": ["pytest", "transformers", "megatron-core==0.16.1", "triton", "matplotlib"],
         "flash": ["flash-attn"],
-        "ondevice": ["gguf==0.19.0", "protobuf", "llama-cpp-python"],
+        "zstd": ["zstandard"],  # .jsonl.zst input to tools/preprocess_jsonl.py
+        "ondevice": ["gguf==0.19.0", "protobuf", "llama-cpp-python"],  # tools/export_ondevice.py
     },
 )

@@ -6,15 +6,65 @@ atomic within a filesystem); on an error the temporary is removed.
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Remove the temporaries of ``path`` left by writers that were killed outright (kill -9, the OOM killer):
+    those whose process no longer runs on this machine."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """An open file that becomes ``path`` (flushed to disk) only when the block completes."""
+    with atomic_files([path], mode) as (f,):
+        yield f
+
+
+@contextmanager
+def atomic_files(paths: list[str | Path], mode: str = "wb") -> Iterator[list[IO]]:
+    """Open files that appear together: all are flushed to disk before the first is renamed into place, so a full
+    disk or a crash while writing leaves the previous versions of every one of them untouched."""
+    paths = [Path(p) for p in paths]
+    tmps = [_tmp_name(p) for p in paths]
+    try:
+        with ExitStack() as stack:
+            files = [stack.enter_context(open(t, mode)) for t in tmps]
+            yield files
+            for f in files:
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager
@@ -33,11 +83,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-@contextmanager
-def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """An open file that becomes ``path`` (flushed to disk) only when the block completes."""
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
-        yield f
+def write_error_message(err: OSError, path: str | Path) -> str:
+    """``err`` as one line for the user: what went wrong, what to do, and the final path (never the temporary)."""
+    hint = {errno.ENOSPC: "no space left on device; free some space or write elsewhere",
+            errno.EDQUOT: "disk quota exceeded; free some space or write elsewhere",
+            errno.EACCES: "permission denied; write elsewhere or fix the folder's permissions",
+            errno.EPERM: "permission denied; write elsewhere or fix the folder's permissions",
+            errno.EROFS: "read-only file system; write elsewhere",
+            errno.EISDIR: "a directory is in the way; write elsewhere"}
+    what = hint.get(err.errno, (err.strerror or str(err)).lower())
+    return f"cannot write: {what} ({path})"
 
 
 @contextmanager

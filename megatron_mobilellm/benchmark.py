@@ -27,9 +27,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_mobilellm.config import PRESETS, ModelConfig
+from megatron_mobilellm.config import PRESETS, ModelConfig, get_config
 from megatron_mobilellm.model.hf_adapter import hf_config_dict
-from megatron_mobilellm.training.metrics import detect_peak_tflops, flops_per_token
+from megatron_mobilellm.training.arguments import add_engine_arguments, engine_config
+from megatron_mobilellm.training.config import OPTIMIZERS, EngineConfig, OptimizerConfig, ScheduleConfig
+from megatron_mobilellm.training.distributed import init_distributed
+from megatron_mobilellm.training.ds_config import build_ds_config
+from megatron_mobilellm.training.engine import build_engine, check_cuda_graphs
+from megatron_mobilellm.training.metrics import achieved_tflops, detect_peak_tflops, flops_per_token
 
 
 def sync(device: torch.device) -> None:
@@ -58,23 +63,14 @@ def random_batch(cfg: ModelConfig, micro: int, seq: int, device: torch.device, s
 
 
 def ours(preset: str, micro: int, seq: int, device: torch.device, opts: argparse.Namespace) -> tuple:
-    from megatron_mobilellm.pretrain import build_engine, check_cuda_graphs
-    from megatron_mobilellm.training.arguments import build_parser, model_config, validate_args
-    from megatron_mobilellm.training.ds_config import build_ds_config
-
-    argv = ["--model-size", preset, "--data-path", "unused", "--seq-length", str(seq), "--micro-batch-size",
-            str(micro), "--global-batch-size", str(micro), "--train-iters", "1000", "--lr-warmup-iters", "10",
-            "--deepspeed_config", opts.deepspeed_config, "--attention-backend", opts.attention_backend,
-            "--optimizer", opts.optimizer, "--loss-chunk-size", str(opts.loss_chunk_size)]
-    argv += ["--compile", opts.compile] if opts.compile else []
-    argv += ["--recompute-activations"] if opts.recompute_activations else []
-    argv += ["--cuda-graphs"] if opts.cuda_graphs else []
-    args = build_parser().parse_args(argv)
-    validate_args(args)
-    cfg = model_config(args)
-    ds_config = build_ds_config(args.deepspeed_config, micro, 1, dist.get_world_size(), 1.0, device.type == "cuda")
-    check_cuda_graphs(args, ds_config)
-    engine, _, _ = build_engine(args, cfg, device, ds_config)
+    cfg = get_config(preset)
+    ds_config = build_ds_config(opts.deepspeed_config, micro, 1, dist.get_world_size(), 1.0, device.type == "cuda")
+    check_cuda_graphs(opts.cuda_graphs, ds_config, opts.deepspeed_config)
+    # Any valid schedule will do: only the step time is measured.
+    schedule = ScheduleConfig(lr=5e-4, min_lr=5e-5, warmup_iters=10, decay_iters=1000, style="cosine",
+                              wsd_decay_iters=200)
+    engine, _, _ = build_engine(cfg, engine_config(opts), OptimizerConfig(optimizer=opts.optimizer), schedule, device,
+                                ds_config)
     tokens, labels = random_batch(cfg, micro, seq, device)
 
     def step() -> None:
@@ -131,10 +127,10 @@ def measure(name: str, preset: str, micro: int, seq: int, device: torch.device, 
         return {"name": name, "preset": preset, "micro_batch": micro, "error": "out of memory"}
     median = statistics.median(times)
     tokens_per_sec = micro * seq / median
-    tflops = tokens_per_sec * flops_per_token(cfg, seq) / 1e12
     peak = opts.peak_tflops or detect_peak_tflops(device)
+    tflops, mfu = achieved_tflops(tokens_per_sec, flops_per_token(cfg, seq), peak)
     row = {"name": name, "preset": preset, "micro_batch": micro, "seq_length": seq, "step_ms": 1000 * median,
-           "tokens_per_sec": tokens_per_sec, "tflops": tflops, "mfu": tflops / peak if peak else None,
+           "tokens_per_sec": tokens_per_sec, "tflops": tflops, "mfu": mfu,
            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     del keep, step
     gc.collect()
@@ -182,13 +178,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--optimizer", default="torch_adamw", choices=["torch_adamw", "deepspeed_adam"])
-    p.add_argument("--compile", nargs="?", const="blocks", default=None, choices=["blocks", "decoder"],
-                   help="ours: torch.compile each block (default) or the whole decoder")
-    p.add_argument("--recompute-activations", action="store_true")
-    p.add_argument("--cuda-graphs", action="store_true", help="ours: with --compile, replay CUDA graphs")
-    p.add_argument("--loss-chunk-size", type=int, default=4096)
+    p.add_argument("--optimizer", default=OptimizerConfig.optimizer, choices=OPTIMIZERS)
+    p.add_argument("--seed", type=int, default=EngineConfig.seed, help="ours: weight initialisation")
+    add_engine_arguments(p.add_argument_group("ours: the trainer's engine flags"))
     p.add_argument("--baseline", nargs="*", default=["eager", "compile"], choices=["eager", "compile"],
                    help="transformers baselines to run in the same process (none: pass the flag alone)")
     p.add_argument("--peak-tflops", type=float, default=None)
@@ -197,8 +189,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 of our steps")
     p.add_argument("--trace", default=None, help="with --profile: also write a Chrome trace here (.json or .json.gz)")
     opts = p.parse_args(argv)
-
-    from megatron_mobilellm.pretrain import init_distributed
 
     device = init_distributed()
     world = dist.get_world_size()

@@ -2,7 +2,7 @@
 
 The presets are the paper's Table 9 / the released configs: deep-and-thin LLaMA-style decoders with SwiGLU,
 grouped-query attention, head_dim 64 and tied input/output embeddings. ``python -m megatron_mobilellm.config``
-prints each preset with its exact parameter count, counted from a model built on the meta device.
+prints each preset with its exact parameter count.
 """
 
 from __future__ import annotations
@@ -59,9 +59,14 @@ class ModelConfig:
             raise ValueError(f"layer_repeat must be >= 1, got {self.layer_repeat}")
 
     @property
+    def passes_per_block(self) -> int:
+        """Consecutive applications of each block: ``layer_repeat`` with layer sharing, else one."""
+        return self.layer_repeat if self.layer_sharing else 1
+
+    @property
     def num_passes(self) -> int:
         """Block applications per forward pass (the depth the computation sees)."""
-        return self.num_layers * (self.layer_repeat if self.layer_sharing else 1)
+        return self.num_layers * self.passes_per_block
 
     @property
     def query_projection_size(self) -> int:
@@ -70,6 +75,21 @@ class ModelConfig:
     @property
     def kv_projection_size(self) -> int:
         return self.num_query_groups * self.kv_channels
+
+    @property
+    def layer_matmul_parameters(self) -> int:
+        """Weights of one block that multiply activations (its linear layers; the norms excluded)."""
+        d = self.hidden_size
+        return (d * (self.query_projection_size + 2 * self.kv_projection_size)  # linear_qkv
+                + self.query_projection_size * d  # linear_proj
+                + 3 * d * self.ffn_hidden_size)  # linear_fc1 (gate + up), linear_fc2
+
+    @property
+    def num_parameters(self) -> int:
+        """Exact parameter count of the model this config builds (tests check it against the built model)."""
+        per_layer = self.layer_matmul_parameters + 2 * self.hidden_size  # + input_layernorm, pre_mlp_layernorm
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+        return embeddings + self.num_layers * per_layer + self.hidden_size  # + final_layernorm
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,17 +131,6 @@ def get_config(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def count_parameters(config: ModelConfig) -> int:
-    """Exact parameter count of the built model (on the meta device, so no memory is used)."""
-    import torch
-
-    from megatron_mobilellm.model import MobileLLM
-
-    with torch.device("meta"):
-        model = MobileLLM(config)
-    return sum(p.numel() for p in model.parameters())
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print the MobileLLM presets with exact parameter counts.")
     parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (default 32000)")
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg = get_config(name, layer_sharing=ls, vocab_size=args.vocab_size)
             print(f"{name:<8}{'yes' if ls else '':>4}{cfg.num_layers:>8}{cfg.num_passes:>8}{cfg.hidden_size:>6}"
                   f"{cfg.num_attention_heads:>7}{cfg.num_query_groups:>4}{cfg.ffn_hidden_size:>7}"
-                  f"{cfg.vocab_size:>7}{count_parameters(cfg):>16,}")
+                  f"{cfg.vocab_size:>7}{cfg.num_parameters:>16,}")
 
 
 if __name__ == "__main__":

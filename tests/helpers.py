@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter
 
@@ -23,6 +26,46 @@ def make_corpus(prefix: Path, num_docs: int = 300, vocab: int = 512, seed: int =
             start, step, n = rng.integers(0, vocab), rng.integers(1, 4), rng.integers(20, 200)
             w.add_document((start + np.arange(n) * step) % vocab)
     return prefix
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(available: bool, reason: str) -> None:
+    """Skip a test whose optional system facility is missing, with a one-line reason — except under ``CI=true``,
+    where ``.ci/run`` installs every one of them, so a missing one fails instead of being skipped silently."""
+    if available:
+        return
+    if in_ci():
+        pytest.fail(f"{reason}; under CI=true .ci/run must provide it", pytrace=False)
+    pytest.skip(f"{reason}; .ci/run provides it", allow_module_level=True)  # also at a test module's top
+
+
+def require_tools(*tools: str) -> None:
+    """``require`` for executables: names looked up on PATH, or absolute paths (e.g. /usr/sbin/sshd)."""
+    missing = [t for t in tools if not (shutil.which(t) or (os.path.isabs(t) and os.access(t, os.X_OK)))]
+    require(not missing, f"needs {' and '.join(missing)}, not installed")
+
+
+def fake_slurm(bin_dir: Path, submitted: str = "") -> None:
+    """Stand-ins to put on PATH: ``scontrol`` expanding a three-node list (gpu-a..c) and naming the submitted
+    script as SLURM does, and a ``deepspeed`` that writes where and with what it was started to $LAUNCH_RECORD."""
+    bin_dir.mkdir()
+    scontrol = ("#!/bin/sh\ncase \"$2\" in\n  hostnames) printf 'gpu-a\\ngpu-b\\ngpu-c\\n' ;;\n"
+                f"  job) printf '   JobId=42 JobName=mobilellm\\n   Command={submitted} 350M\\n' ;;\nesac\n")
+    deepspeed = '#!/bin/sh\npwd > "$LAUNCH_RECORD"\nprintf \'%s\\n\' "$@" >> "$LAUNCH_RECORD"\n'
+    for name, text in (("scontrol", scontrol), ("deepspeed", deepspeed)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+
+def setup_keyword(name: str):
+    """A literal argument of setup.py's ``setup()`` call, read from its source (running setup.py under pytest
+    clashes with the distutils that imported libraries have already loaded)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    return ast.literal_eval(next(k.value for k in call.keywords if k.arg == name))
 
 
 def free_port() -> int:

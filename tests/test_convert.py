@@ -9,12 +9,14 @@ import pytest
 import torch
 import transformers
 
-from helpers import ROOT, env, make_corpus, run_pretrain, tiny_args
-from megatron_mobilellm.convert.ds_checkpoint import consolidate, read_model_config, resolve_tag
+from helpers import ROOT, env, run_pretrain, tiny_args
+from megatron_mobilellm.checkpoint_layout import read_checkpoint, read_model_config, resolve_tag
 from megatron_mobilellm.convert.hf_format import read_hf
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter
 from megatron_mobilellm.generation import generate
 from megatron_mobilellm.model import MobileLLM
+
+CORPUS_DOCS = 100
 
 
 def tool(name, *args, check=True):
@@ -23,11 +25,6 @@ def tool(name, *args, check=True):
     if check:
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return res
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("data") / "corpus", num_docs=100)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +40,9 @@ def checkpoints(corpus, tmp_path_factory):
 
 
 def our_model(ckpt) -> MobileLLM:
-    tag = resolve_tag(ckpt)
-    model = MobileLLM(read_model_config(ckpt, tag), attention_backend="eager")
-    model.load_state_dict(consolidate(ckpt, tag))
+    _, cfg, state = read_checkpoint(ckpt)
+    model = MobileLLM(cfg, attention_backend="eager")
+    model.load_state_dict(state)
     return model.eval()
 
 

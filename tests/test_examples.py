@@ -2,11 +2,13 @@
 
 import os
 import shlex
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, env
+from helpers import ROOT, env, fake_slurm
 from megatron_mobilellm.training.arguments import parse_args
 
 
@@ -46,21 +48,45 @@ def test_multi_node_recipe_scales_lr_linearly():
     assert args.global_batch_size == 4 * 8 * 32 and args.lr == pytest.approx(2e-3)
 
 
-def test_slurm_script_writes_hostfile_from_allocation(tmp_path):
-    # A stand-in scontrol that expands the node list as SLURM would.
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\ngpu-c\\n'\n")
-    (fake / "scontrol").chmod(0o755)
-    res = subprocess.run(["bash", str(ROOT / "examples" / "slurm_pretrain.sbatch"), "350M"], cwd=tmp_path,
-                         env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "DRY_RUN": "1",
-                              "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "gpu-[a-c]", "SLURM_JOB_NUM_NODES": "3"},
-                         capture_output=True, text=True, check=True)
-    assert (tmp_path / "hostfile.42").read_text() == "gpu-a slots=8\ngpu-b slots=8\ngpu-c slots=8\n"
-    cmd = shlex.split(res.stdout)
-    assert cmd[1:5] == ["--hostfile", "hostfile.42", "--master_addr", "gpu-a"]
-    args = parse_args(trainer_args(cmd))
-    assert args.global_batch_size == 3 * 8 * 32 and args.lr == pytest.approx(1.5e-3)
+@pytest.mark.parametrize("how", ["in_place", "spooled_submit_dir", "spooled_absolute_path"])
+def test_slurm_script_launches_from_a_spooled_copy(tmp_path, how):
+    """sbatch runs a copy of the script from its spool folder: the recipe must still be found (through
+    SLURM_SUBMIT_DIR, or the absolute path the job was submitted with) and run from the repository root."""
+    script = ROOT / "examples" / "slurm_pretrain.sbatch"
+    work = tmp_path / "work"  # the job's working directory, outside the repository
+    work.mkdir()
+    if how != "in_place":
+        script = tmp_path / "spool" / "job42" / "slurm_script"
+        script.parent.mkdir(parents=True)
+        shutil.copy(ROOT / "examples" / "slurm_pretrain.sbatch", script)
+    submitted = str(ROOT / "examples" / "slurm_pretrain.sbatch") if how == "spooled_absolute_path" else ""
+    fake_slurm(tmp_path / "bin", submitted)
+    submit_dir = ROOT if how == "spooled_submit_dir" else work
+    record = tmp_path / "launch.txt"
+    subprocess.run(["bash", str(script), "350M", "--train-iters", "7"], cwd=work, check=True,
+                   env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "LAUNCH_RECORD": str(record),
+                        "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "gpu-[a-c]", "SLURM_JOB_NUM_NODES": "3",
+                        "SLURM_SUBMIT_DIR": str(submit_dir)})
+    cwd, *cmd = record.read_text().splitlines()
+    assert Path(cwd) == ROOT  # relative --deepspeed_config / --data-path defaults resolve in the repository
+    hostfile = work / "hostfile.42"
+    assert hostfile.read_text() == "gpu-a slots=8\ngpu-b slots=8\ngpu-c slots=8\n"
+    assert cmd[:4] == ["--hostfile", str(hostfile), "--master_addr", "gpu-a"]
+    args = parse_args(cmd[cmd.index("megatron_mobilellm.pretrain") + 1:])
+    assert args.global_batch_size == 3 * 8 * 32 and args.lr == pytest.approx(1.5e-3) and args.train_iters == 7
+    assert (ROOT / args.deepspeed_config).is_file()
+
+
+def test_slurm_script_without_a_repository_says_so(tmp_path):
+    script = tmp_path / "slurm_script"
+    shutil.copy(ROOT / "examples" / "slurm_pretrain.sbatch", script)
+    fake_slurm(tmp_path / "bin", "")
+    res = subprocess.run(["bash", str(script), "125M"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+                              "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "gpu-a", "SLURM_JOB_NUM_NODES": "1",
+                              "SLURM_SUBMIT_DIR": str(tmp_path)})
+    assert res.returncode == 1 and res.stderr.startswith("error: cannot find the repository")
+    assert len(res.stderr.splitlines()) == 1 and not list(tmp_path.glob("hostfile*"))
 
 
 def test_node_benchmark_script_scales_and_resumes_on_cpu(tmp_path):

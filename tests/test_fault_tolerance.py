@@ -4,6 +4,7 @@ on a different number of ranks. Each proves that relaunching the same command co
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -12,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import env, free_port, make_corpus, read_scalars, run_pretrain, tiny_args
+from helpers import env, free_port, logged_losses, make_corpus, read_scalars, run_pretrain, tiny_args
+from megatron_mobilellm.training.guard import BadStepPolicy
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("data") / "corpus", num_docs=200)
+CORPUS_DOCS = 200
 
 
 def launch(args, nproc=2, extra_env=None):
@@ -144,14 +143,34 @@ def test_consecutive_nan_losses_stop_the_run(corpus, tmp_path):
             "global samples [40, 48) of the train split") in res.stderr
 
 
-def test_loss_spike_detection_skips_the_update(corpus, tmp_path):
-    # A factor barely above 1 makes ordinary noise count as a spike once the running window is full.
+def test_loss_spike_detection_skips_exactly_the_spikes(corpus, tmp_path):
+    """Replays the run's own losses: after the warm-up, an update is skipped exactly when its loss exceeds the factor
+    times the mean of the previous applied losses in the window (borderline cases within the printed precision of a
+    skipped loss are not judged)."""
+    factor = 1.0001  # barely above 1: ordinary batch-to-batch noise makes about half the steps "spikes"
     res = run_pretrain(tiny_args(corpus, tmp_path, iters=40, zero=1,
-                                 **{"--loss-spike-factor": 1.0001, "--max-skipped-steps": 100, "--eval-iters": 0,
+                                 **{"--loss-spike-factor": factor, "--max-skipped-steps": 100, "--eval-iters": 0,
                                     "--lr": "1e-5"}), nproc=1)
-    assert "skipped the update of iteration" in res.stdout
-    skipped = int(res.stdout.split("done: 40 iterations, 320 samples, ")[1].split()[0])
-    assert 0 < skipped < 40
+    logged = logged_losses(res.stdout)  # NaN where the interval's only update was skipped
+    skipped = {int(m[1]): float(m[2]) for m in re.finditer(r"skipped the update of iteration (\d+) \(loss ([^,]+),",
+                                                          res.stdout)}
+    reference = BadStepPolicy(max_consecutive=100, spike_factor=factor)  # only for its window and warm-up sizes
+    recent: list[float] = []
+    judged = {True: 0, False: 0}
+    for it in range(1, 41):
+        loss = skipped[it] if it in skipped else logged[it]
+        if len(recent) < reference.warmup:
+            assert it not in skipped, f"iteration {it} skipped during the warm-up"
+        else:
+            threshold = factor * statistics.fmean(recent[-reference.recent.maxlen:])
+            if abs(loss - threshold) > 1e-4 * threshold:
+                assert (loss > threshold) == (it in skipped), (it, loss, threshold)
+                judged[loss > threshold] += 1
+        if it not in skipped:
+            assert np.isfinite(loss)
+            recent.append(loss)
+    assert judged[True] >= 3 and judged[False] >= 3, judged  # both outcomes actually occurred
+    assert f"done: 40 iterations, 320 samples, {len(skipped)} skipped updates" in res.stdout
 
 
 def corrupt(prefix: Path, kind: str) -> Path:

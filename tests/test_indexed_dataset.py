@@ -1,5 +1,9 @@
 """Our MMIDIDX writer/reader against megatron-core 0.16.1's own IndexedDataset."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -91,7 +95,8 @@ def test_reader_rejects_bad_files(tmp_path):
 def test_pointers_are_int64_beyond_2gib(tmp_path):
     from megatron_mobilellm.data.indexed_dataset import write_index
     lengths = np.full(3, 2**30, dtype=np.int64)  # 1 Gi tokens each, 2 GiB each as uint16
-    write_index(tmp_path / "big.idx", np.dtype(np.uint16), lengths, np.arange(4))
+    with open(tmp_path / "big.idx", "wb") as f:
+        write_index(f, np.dtype(np.uint16), lengths, np.arange(4))
     raw = (tmp_path / "big.idx").read_bytes()
     pointers = np.frombuffer(raw, dtype=np.int64, count=3, offset=34 + 12)
     assert pointers.tolist() == [0, 2**31, 2**32]
@@ -116,3 +121,14 @@ def test_merge_keeps_documents(tmp_path):
     write(tmp_path / "w", [[1]], np.int32)
     with pytest.raises(DatasetFormatError, match="different token dtypes"):
         merge_datasets([tmp_path / "a", tmp_path / "w"], tmp_path / "m2")
+
+
+def test_writer_removes_only_dead_writers_temporaries(tmp_path):
+    """A writer killed outright leaves its temporaries; the next writer at that prefix removes them, but never
+    those of a writer still running."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = tmp_path / f".x.bin.tmp-{int(dead.stdout)}", tmp_path / f".x.idx.tmp-{os.getppid()}"
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"in progress")
+    write(tmp_path / "x", [[1, 2]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "x.bin", "x.idx"]

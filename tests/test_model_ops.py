@@ -48,12 +48,28 @@ def test_eager_attention_is_causal():
 
 
 def test_rotary_preserves_norm_and_relative_position():
-    x = torch.randn(1, 1, 8, 16)
+    """RoPE rotates channel pairs (norms kept, position 0 untouched) so that a query-key score depends only on the
+    distance between the two positions; its tables and rotation are transformers' Llama RoPE."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
     from megatron_mobilellm.model.attention import RotaryEmbedding
-    cos, sin = RotaryEmbedding(16, 10000.0)(8, x.device, x.dtype)
+    s, d = 24, 16
+    cos, sin = RotaryEmbedding(d, 10000.0)(s, torch.device("cpu"), torch.float32)
+    x = torch.randn(1, 1, s, d)
     y = apply_rotary(x, cos, sin)
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
     assert torch.equal(y[:, :, 0], x[:, :, 0])  # position 0 is not rotated
+    # The same query at every position against the same key at every position: scores[m, n] = <R_m q, R_n k>.
+    q, k = torch.randn(2, 1, 1, 1, d).expand(2, 1, 1, s, d)
+    scores = (apply_rotary(q, cos, sin) @ apply_rotary(k, cos, sin).transpose(-2, -1))[0, 0]
+    assert (scores[1:, 1:] - scores[:-1, :-1]).abs().max() <= 1e-4  # constant along every diagonal: f(m - n)
+    assert (scores[0] - scores[0, 0]).abs().max() > 0.1  # and it does change with the distance
+    hf_rope = LlamaRotaryEmbedding(LlamaConfig(hidden_size=2 * d, num_attention_heads=2, head_dim=d,
+                                               max_position_embeddings=s, rope_theta=10000.0))
+    hf_cos, hf_sin = hf_rope(x, torch.arange(s)[None])
+    hf_y, _ = apply_rotary_pos_emb(x, x, hf_cos, hf_sin)
+    assert (y - hf_y).abs().max() <= 1e-5
 
 
 def test_fused_swiglu_matches_unfused_torch_path():
@@ -76,7 +92,14 @@ def test_fused_swiglu_saves_only_its_input():
 
 TRITON_CHECK = r"""
 import torch
+from megatron_mobilellm.model import swiglu as swiglu_module
 from megatron_mobilellm.model.swiglu import swiglu, swiglu_reference
+
+def no_fallback(*args):
+    raise AssertionError("the triton backend fell back to the torch maths")
+
+# A silent fallback to the torch path would pass the comparison below without running a kernel.
+swiglu_module._swiglu_fwd_torch = swiglu_module._swiglu_bwd_torch = no_fallback
 torch.manual_seed(0)
 for shape in [(3, 2 * 40), (2, 5, 2 * 1100)]:
     x = torch.randn(*shape, requires_grad=True)
@@ -92,7 +115,7 @@ print("triton ok")
 
 
 def test_fused_swiglu_triton_kernel_under_interpreter():
-    pytest.importorskip("triton")
+    """Triton is a dev dependency: its CPU interpreter runs the real kernels, so this never skips."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -199,6 +222,17 @@ def test_config_cli_prints_exact_preset_counts():
     rows = {line.split()[0]: line.split()[-1] for line in out.splitlines()[2:] if "yes" not in line.split()}
     for name, count in expected.items():
         assert rows[name] == count
+
+
+@pytest.mark.parametrize("overrides", [{}, {"layer_sharing": True}, {"tie_embeddings": False},
+                                       {"layer_sharing": True, "layer_repeat": 3, "vocab_size": 1000}])
+def test_config_parameter_count_is_the_built_models(overrides):
+    for name in ("tiny", "125M"):
+        cfg = get_config(name, **overrides)
+        with torch.device("meta"):
+            model = MobileLLM(cfg)
+        assert cfg.num_parameters == sum(p.numel() for p in model.parameters()), (name, overrides)
+        assert len(model.decoder.layers) * model.decoder.repeat == cfg.num_passes
 
 
 @pytest.mark.parametrize("scope", ["blocks", "decoder"])

@@ -13,19 +13,16 @@ import pytest
 import torch
 import transformers
 
-from helpers import ROOT, env, make_corpus, run_pretrain, tiny_args
+from helpers import ROOT, env, make_corpus, require, run_pretrain, tiny_args
 from megatron_mobilellm.config import ModelConfig
 
 
 def optional(module: str, install: str):
-    """An optional dependency of the on-device export: absent → skip with the reason, but fail under CI, which
-    installs it (.ci/run)."""
+    """An optional dependency of the on-device export (absent: skipped with the reason, failed under CI)."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{module} is not installed under CI=true ({install})", pytrace=False)
-        pytest.skip(f"{module} is not installed ({install})", allow_module_level=True)
+        require(False, f"needs {module}, not installed ({install})")
 
 
 gguf = optional("gguf", "pip install -e .[ondevice]")

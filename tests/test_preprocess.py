@@ -1,15 +1,25 @@
-"""tools/preprocess_jsonl.py: node layout, worker determinism, bad input, skipping, text mode."""
+"""tools/preprocess_jsonl.py: node layout, worker determinism, bad input, skipping, text mode, and faults: the JSON
+fast path against the slow one, a dying pool, Ctrl-C, disk full, unwritable outputs, odd and unreadable inputs."""
 
+import errno
 import gzip
+import importlib.util
+import io
 import json
+import os
+import signal
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from megatron_mobilellm.data.indexed_dataset import IndexedDataset
+from megatron_mobilellm.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from helpers import require
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "preprocess_jsonl.py"
@@ -148,3 +158,453 @@ def test_text_mode_with_sentencepiece(tmp_path):
     ds = IndexedDataset(tmp_path / "tx")
     for i, t in enumerate(texts):
         assert ds[i].tolist() == [1] + sp.encode(t) + [2]
+
+
+def _generated_lines(n: int, seed: int = 0) -> list[bytes]:
+    """JSON-ish lines mixing valid token_ids rows with every trap a byte-level fast path can fall into."""
+    rng = np.random.default_rng(seed)
+    ints = ["0", "1", "31999", "32000", "-3", "007", "00", "99999999999999999999999", "1.0", "1e3", "true", "null",
+            '"7"', "[1]", "{}", "12 34", ""]
+    seps = [",", ", ", " , ", ",\t", ",\r", ",,"]
+
+    def array() -> str:
+        if rng.random() < 0.6:  # clean, in one of the layouts JSON writers produce
+            sep = str(rng.choice(seps[:-1]))
+            return "[" + sep.join(str(v) for v in rng.integers(0, 32000, rng.integers(1, 20))) + "]"
+        items = [str(rng.choice(ints)) if rng.random() < 0.3 else str(rng.integers(0, 32000))
+                 for _ in range(rng.integers(0, 6))]
+        body = "".join(item + (str(rng.choice(seps)) if j + 1 < len(items) else "") for j, item in enumerate(items))
+        return "[" + rng.choice(["", " ", "\t"]) + body + rng.choice(["", " ", ",", "\r"]) + "]"
+
+    keys = ['"token_ids"', '"token\\u005fids"', '"Token_ids"', '"token_ids "']
+    others = ['"source": "web"', '"text": "caf\u00e9 \u65e5\u672c \\"token_ids\\": [1]"', '"n": 1.5', '"ok": true',
+              '"x": null', '"token_ids": []', '"token_ids": [5]', '"meta": {"token_ids": ' + "[1, 2]" + "}",
+              '"list": [[1], {"a": "]"}]', '"s": "[1, 2]"']
+    lines = []
+    for _ in range(n):
+        fields = [f"{rng.choice(keys) if rng.random() < 0.15 else keys[0]}{rng.choice([':', ': ', ' : '])}{array()}"]
+        fields += [str(rng.choice(others)) for _ in range(rng.integers(0, 3))]
+        rng.shuffle(fields)
+        text = "{" + ", ".join(fields) + "}"
+        r = rng.random()
+        if r < 0.05:
+            text = "\ufeff" + text
+        elif r < 0.1:
+            text = text[: rng.integers(1, len(text))]  # truncated
+        elif r < 0.15:
+            text = "[" + text + "]"
+        elif r < 0.2:
+            text = "  " + text + " x"
+        raw = text.encode()
+        if rng.random() < 0.03:
+            raw = raw.replace(b"web", b"w\xffb")  # invalid UTF-8
+        lines.append(raw + rng.choice([b"\n", b"\r\n", b""]))
+    return lines
+
+
+def _slow(line: bytes):
+    from megatron_mobilellm.data.preprocess import BadLine, parse_ids_slow
+    try:
+        return parse_ids_slow(line, "token_ids", 32000).tolist()
+    except BadLine as e:
+        return f"error: {e}"
+
+
+def test_fast_and_slow_json_paths_agree_on_every_line():
+    """The full per-line decision (fast path, its digit check, slow fallback) equals the orjson path alone."""
+    from megatron_mobilellm.data.preprocess import Chunk, Options, parse_ids_fast, process_chunk
+    lines = _generated_lines(3000)
+    accepted_fast = 0
+    for i, line in enumerate(lines):
+        expected = _slow(line)
+        res = process_chunk(Chunk("f.jsonl", 1, [line], len(line)), Options())
+        got = f"error: {res.bad[0][2]}" if res.bad else res.tokens.tolist()
+        assert got == expected, (i, line)
+        accepted_fast += parse_ids_fast(line, b'"token_ids"', 32000) is not None
+    assert 0.2 * len(lines) < accepted_fast < 0.9 * len(lines)  # both paths were exercised
+    # Whole chunks (digit check once per chunk, then line by line when it fails) with skipping: same documents.
+    res = process_chunk(Chunk("f.jsonl", 1, lines, 0), Options(skip_bad_lines=True))
+    expected = [_slow(line) for line in lines]
+    assert [b[1] - 1 for b in res.bad] == [i for i, e in enumerate(expected) if isinstance(e, str)]
+    assert [b[2] for b in res.bad] == [e[len("error: "):] for e in expected if isinstance(e, str)]
+    good = [e for e in expected if not isinstance(e, str)]
+    assert res.lengths.tolist() == [len(d) for d in good]
+    assert res.tokens.tolist() == [t for d in good for t in d]
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"meta": {"token_ids": [1]}, "token_ids": []}', "is empty"),
+    ('{"token_ids": [1], "token_ids": []}', "is empty"),
+    ('{"token_ids": [1, 007]}', "malformed JSON"),
+    ('{"token\\u005fids": [3], "x": {"token_ids": [1]}}', "[3]"),
+    ('{"token_ids": [1, 2 3]}', "malformed JSON"),
+    ('\ufeff{"token_ids": [1]}', "malformed JSON"),
+])
+def test_fast_path_traps(line, reason):
+    """Lines a byte-level fast path used to misread: nested or duplicate keys, leading zeros, escaped keys."""
+    from megatron_mobilellm.data.preprocess import Chunk, Options, process_chunk
+    raw = line.encode()
+    res = process_chunk(Chunk("f.jsonl", 1, [raw], len(raw)), Options())
+    assert (res.bad[0][2] if res.bad else str(res.tokens.tolist())).find(reason) >= 0, res
+
+
+# --- the worker pool under faults: a worker killed, the main process killed, Ctrl-C ---------------------------------
+
+def _slow_input(path: Path) -> Path:
+    """A .jsonl.gz that reads in a moment but takes the workers long to parse (~200 MB of rows as gzip members)."""
+    row = json.dumps({"token_ids": list(range(2000, 4049)), "source": "web"}) + "\n"
+    member = gzip.compress((row * 100).encode(), compresslevel=1)
+    path.write_bytes(member * 150)
+    return path
+
+
+def _start(tmp_path, *args):
+    import psutil
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.bin").write_bytes(b"old")  # an existing dataset at the prefix must survive every failure
+    (out / "x.idx").write_bytes(b"old")
+    proc = subprocess.Popen([sys.executable, str(TOOL), "--no-progress", "--input",
+                             str(_slow_input(tmp_path / "in.jsonl.gz")), "--output-prefix", str(out / "x"), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and (
+            len(psutil.Process(proc.pid).children()) < 2 or not list(out.glob(".x.bin.tmp*"))):
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children() if proc.poll() is None else []
+    if len(workers) != 2:
+        proc.kill()
+        pytest.fail(f"the run did not get going: {proc.communicate()}")
+    time.sleep(0.3)  # mid-run: chunks are being parsed
+    return proc, workers, out
+
+
+def _assert_untouched(out: Path):
+    assert sorted(p.name for p in out.iterdir()) == ["x.bin", "x.idx"]
+    assert (out / "x.bin").read_bytes() == (out / "x.idx").read_bytes() == b"old"
+
+
+def _gone(procs, timeout=10.0) -> bool:
+    import psutil
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return all(p.status() == psutil.STATUS_ZOMBIE for p in alive)
+
+
+def test_killed_worker_fails_fast_names_input_and_cleans_up(tmp_path):
+    """What the OOM killer does to a worker: the main process must not hang, and must say which input it was."""
+    proc, workers, out = _start(tmp_path, "--workers", "2", "--chunk-size-mb", "1")
+    workers[0].kill()
+    start = time.time()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.time() - start < 20
+    assert proc.returncode == 1
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and "worker process died" in stderr
+    assert f"{tmp_path / 'in.jsonl.gz'}:" in stderr
+    _assert_untouched(out)
+    assert _gone(workers)
+
+
+def test_killed_main_process_takes_its_workers_along(tmp_path):
+    """kill -9 of the main process: no orphaned workers; its temporaries go with the next run at that prefix."""
+    proc, workers, out = _start(tmp_path, "--workers", "2")
+    proc.kill()
+    proc.wait(timeout=10)
+    assert _gone(workers, timeout=10), [w.pid for w in workers]
+    assert list(out.glob(".x.bin.tmp-*"))
+    run_tool("--input", _docs_jsonl(tmp_path / "small.jsonl", 2), "--output-prefix", out / "x")
+    assert sorted(p.name for p in out.iterdir()) == ["x.bin", "x.idx"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_exit_cleanly(tmp_path, sig):
+    """Ctrl-C reaches the whole process group (as from a terminal); SIGTERM only the main process (as from a
+    scheduler). Either way: a prompt exit with one line, nothing written, no temporaries, no workers left."""
+    proc, workers, out = _start(tmp_path, "--workers", "2")
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == [f"error: interrupted; nothing written ({out / 'x'})"]
+    _assert_untouched(out)
+    assert _gone(workers)
+
+
+# --- the file system under faults: disk full, read-only, folders in the way, unreadable or odd inputs -------------
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _docs_jsonl(path: Path, num_docs: int, tokens: int = 1000) -> Path:
+    write_jsonl(path, [np.arange(tokens) % 32000 for _ in range(num_docs)], extra=False)
+    return path
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (the real disk-full path: the kernel's ENOSPC, on write or on flush)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    require(res.returncode == 0, f"needs a tmpfs mount (root or CAP_SYS_ADMIN): {res.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _old_dataset(prefix: Path) -> dict[str, bytes]:
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        w.add_document(np.arange(10))
+    return {p.name: p.read_bytes() for p in prefix.parent.iterdir()}
+
+
+@pytest.mark.parametrize("tool", ["preprocess", "merge"])
+def test_disk_full_on_tmpfs_is_one_line_and_keeps_old_dataset(tmp_path, small_tmpfs, tool):
+    before = _old_dataset(small_tmpfs / "x")
+    if tool == "preprocess":
+        res = run_tool("--input", _docs_jsonl(tmp_path / "in.jsonl", 1500), "--output-prefix", small_tmpfs / "x",
+                       check=False)
+    else:
+        write_jsonl(tmp_path / "a.jsonl", [np.arange(1000)] * 1500, extra=False)
+        run_tool("--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "a")
+        res = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_datasets.py"), "--input", tmp_path / "a",
+                              tmp_path / "a", "--output-prefix", small_tmpfs / "x"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=300)
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: cannot write: no space left on device")
+    assert str(small_tmpfs / "x.") in res.stderr
+    assert {p.name: p.read_bytes() for p in small_tmpfs.iterdir()} == before  # no temporaries, old dataset intact
+    assert shutil.disk_usage(small_tmpfs).used < 64 << 10
+
+
+@pytest.mark.parametrize("where", ["bin", "idx", "fsync"])
+def test_fake_disk_full_at_each_write(tmp_path, monkeypatch, capsys, where):
+    """ENOSPC raised at each write step in-process (runs everywhere, no mount needed)."""
+    import megatron_mobilellm.atomic as atomic
+    import megatron_mobilellm.data.indexed_dataset as indexed
+
+    out = tmp_path / "out"
+    before = _old_dataset(out / "x")
+    inputs = _docs_jsonl(tmp_path / "in.jsonl", 5)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    class FullDisk(io.BufferedWriter):
+        write = full
+
+    def open_full_bin(path, mode="r", *args):
+        return FullDisk(io.FileIO(path, "w")) if ".bin.tmp" in str(path) else open(path, mode, *args)
+
+    if where == "bin":
+        monkeypatch.setattr(atomic, "open", open_full_bin, raising=False)
+    elif where == "idx":
+        monkeypatch.setattr(indexed, "write_index", full)
+    else:
+        monkeypatch.setattr(os, "fsync", full)
+    rc = _load_tool("preprocess_jsonl").main(["--no-progress", "--input", str(inputs), "--output-prefix",
+                                              str(out / "x")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("error: cannot write: no space left on device") and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("tool", ["preprocess", "merge"])
+def test_output_path_that_is_a_folder(tmp_path, tool):
+    write_jsonl(tmp_path / "in.jsonl", [[1, 2, 3]])
+    run_tool("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "src")
+    (tmp_path / "out" / "x.bin").mkdir(parents=True)
+    (tmp_path / "out" / "x.bin" / "keep").write_text("user data")
+    cmd = ([str(TOOL), "--input", tmp_path / "in.jsonl"] if tool == "preprocess" else
+           [str(ROOT / "tools" / "merge_datasets.py"), "--input", tmp_path / "src"])
+    res = subprocess.run([sys.executable, *map(str, cmd), "--output-prefix", str(tmp_path / "out" / "x")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 1
+    in_the_way = tmp_path / "out" / "x.bin"
+    assert res.stderr == f"error: cannot write: a directory is in the way; write elsewhere ({in_the_way})\n"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x.bin"]
+    assert (tmp_path / "out" / "x.bin" / "keep").read_text() == "user data"
+
+
+def test_read_only_output_folder(tmp_path, small_tmpfs):
+    before = _old_dataset(small_tmpfs / "x")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    res = run_tool("--input", _docs_jsonl(tmp_path / "in.jsonl", 3), "--output-prefix", small_tmpfs / "x",
+                   check=False)
+    assert res.returncode == 1
+    assert res.stderr == f"error: cannot write: read-only file system; write elsewhere ({small_tmpfs / 'x.bin'})\n"
+    assert {p.name: p.read_bytes() for p in small_tmpfs.iterdir()} == before
+
+
+@pytest.fixture
+def world_dir():
+    """A folder outside pytest's private tmp root, so a process that dropped root can reach it."""
+    d = Path(tempfile.mkdtemp(prefix="preprocess-test-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+def run_unprivileged(*args, tool: Path = TOOL) -> subprocess.CompletedProcess:
+    """Run a tool where file permissions apply. Root reads everything (and CI runs as root), so as root the tool
+    runs in a process that drops to nobody after importing what it needs (the interpreter may live under /root)."""
+    argv = [str(tool), *map(str, args)]
+    if os.geteuid() != 0:
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    code = ("import argparse, math, mmap, os, pkgutil, runpy, sys, tqdm, megatron_mobilellm.data.preprocess\n"
+            "os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
+            f"sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("what", ["folder", "file", "output", "glob"])
+def test_permission_denied(world_dir, what):
+    """An unreadable node folder or file is reported as unreadable (not "has no .jsonl files", not skipped); an
+    unwritable output folder as unwritable; both before any work."""
+    base = world_dir / "base"
+    write_jsonl(base / "1" / "a.jsonl", [[1, 2]])
+    write_jsonl(base / "2" / "b.jsonl", [[3]])
+    out = world_dir / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    for p in [base, base / "1", base / "2"]:
+        p.chmod(0o755)
+    for p in [base / "1" / "a.jsonl", base / "2" / "b.jsonl"]:
+        p.chmod(0o644)
+    spec = base
+    if what in ("folder", "glob"):
+        (base / "2").chmod(0)
+        expected = f"error: cannot read {base / '2'}: permission denied\n"
+        spec = base / "*" / "*.jsonl" if what == "glob" else base
+    elif what == "file":
+        (base / "2" / "b.jsonl").chmod(0)
+        expected = f"error: cannot read {base / '2' / 'b.jsonl'}: permission denied\n"
+    else:
+        out.chmod(0o755)
+        expected = (f"error: cannot write: permission denied; write elsewhere or fix the folder's permissions "
+                    f"({out / 'x.bin'})\n")
+    res = run_unprivileged("--no-progress", "--input", spec, "--output-prefix", out / "x")
+    assert (res.returncode, res.stderr) == (1, expected)
+    assert list(out.iterdir()) == []
+
+
+def test_merge_of_an_unreadable_dataset(world_dir):
+    for name in ("a", "b"):
+        with IndexedDatasetWriter(world_dir / name, np.uint16) as w:
+            w.add_document(np.arange(3))
+        for ext in (".bin", ".idx"):
+            (world_dir / f"{name}{ext}").chmod(0o644)
+    (world_dir / "b.bin").chmod(0)
+    out = world_dir / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    res = run_unprivileged("--input", world_dir / "a", world_dir / "b", "--output-prefix", out / "x",
+                           tool=ROOT / "tools" / "merge_datasets.py")
+    assert (res.returncode, res.stderr) == (1, f"error: cannot read {world_dir / 'b.bin'}: permission denied\n")
+    assert list(out.iterdir()) == []
+
+
+def test_symlinked_node_folders_and_files(tmp_path):
+    """basepath/<node>/ built from symlinks is read; two links to one file read it once, with a warning."""
+    real = tmp_path / "real"
+    write_jsonl(real / "nodeA" / "a.jsonl", [[1], [2]])
+    write_jsonl(real / "loose.jsonl", [[3]])
+    base = tmp_path / "base"
+    (base / "2").mkdir(parents=True)
+    (base / "1").symlink_to(real / "nodeA", target_is_directory=True)
+    (base / "2" / "b.jsonl").symlink_to(real / "loose.jsonl")
+    (base / "3").symlink_to(real / "nodeA", target_is_directory=True)  # the same folder again
+    res = run_tool("--input", base, "--output-prefix", tmp_path / "o")
+    ds = IndexedDataset(tmp_path / "o")
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1], [2], [3]]
+    assert "warning: 1 input path(s) lead to a file already read" in res.stderr
+    assert f"{base / '3'} is {base / '1'}" in res.stderr
+
+
+@pytest.mark.parametrize("spec", ["{base}", "{base}/**/*.jsonl"])
+def test_symlink_loop_reads_each_file_once(tmp_path, spec):
+    base = tmp_path / "base"
+    write_jsonl(base / "n1" / "a.jsonl", [[1, 2]])
+    write_jsonl(base / "n2" / "b.jsonl", [[3]])
+    (base / "n1" / "loop").symlink_to(base, target_is_directory=True)
+    run_tool("--input", spec.format(base=base), "--output-prefix", tmp_path / "o")
+    ds = IndexedDataset(tmp_path / "o")
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2], [3]]
+
+
+def test_broken_symlink_is_unreadable(tmp_path):
+    write_jsonl(tmp_path / "base" / "a.jsonl", [[1]])
+    (tmp_path / "base" / "b.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    res = run_tool("--input", tmp_path / "base", "--output-prefix", tmp_path / "o", check=False)
+    assert (res.returncode, res.stderr) == (
+        1, f"error: cannot read {tmp_path / 'base' / 'b.jsonl'}: no such file or directory\n")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_gzip"])
+def test_corrupt_gzip_names_the_file(tmp_path, damage):
+    data = gzip.compress(b"".join(json.dumps({"token_ids": [i, i + 1]}).encode() + b"\n" for i in range(5000)))
+    if damage == "truncated":
+        data = data[:len(data) // 2]
+    elif damage == "garbage":
+        data = data[:len(data) // 2] + bytes(range(256)) * 4 + data[len(data) // 2:]
+    else:
+        data = b"just text\n"
+    (tmp_path / "in.jsonl.gz").write_bytes(data)
+    res = run_tool("--input", tmp_path / "in.jsonl.gz", "--output-prefix", tmp_path / "out" / "x", check=False)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert res.stderr.startswith(f"error: {tmp_path / 'in.jsonl.gz'}: corrupt gzip data after line ")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_zstd_input_and_the_extra_it_needs(tmp_path):
+    require(importlib.util.find_spec("zstandard") is not None, "needs the [zstd] extra (zstandard)")
+    import zstandard
+    raw = b"".join(json.dumps({"token_ids": [i, 7]}).encode() + b"\n" for i in range(100))
+    (tmp_path / "in.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    run_tool("--input", tmp_path / "in.jsonl.zst", "--output-prefix", tmp_path / "o")
+    assert IndexedDataset(tmp_path / "o")[99].tolist() == [99, 7]
+    argv = [str(TOOL), "--no-progress", "--input", str(tmp_path / "in.jsonl.zst"), "--output-prefix",
+            str(tmp_path / "p")]
+    hidden = (f"import runpy, sys; sys.modules['zstandard'] = None; sys.argv = {argv!r}; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", hidden], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert (res.returncode, res.stderr) == (1, "error: reading .zst input needs the zstandard package: pip install "
+                                               f"'megatron-mobilellm[zstd]' ({tmp_path / 'in.jsonl.zst'})\n")
+    assert not list(tmp_path.glob("p*"))
+
+
+@pytest.mark.parametrize("flag, value", [("--workers", "0"), ("--workers", "-2"), ("--workers", "100000"),
+                                         ("--workers", "1.5"), ("--vocab-size", "0"), ("--vocab-size", "2147483648"),
+                                         ("--chunk-size-mb", "nan"), ("--chunk-size-mb", "inf"),
+                                         ("--chunk-size-mb", "0"), ("--chunk-size-mb", "-4"),
+                                         ("--chunk-size-mb", "1e9")])
+def test_numeric_flags_are_range_checked_before_work(tmp_path, capsys, flag, value):
+    tool = _load_tool("preprocess_jsonl")
+    with pytest.raises(SystemExit) as stop:
+        tool.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"), flag, value])
+    assert stop.value.code != 0 and f"argument {flag}: " in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("pattern", ["*.jsonl", "*/*.jsonl", "**/*.jsonl", "**", "a/**", "[ab]*/x?.jsonl*",
+                                     "a/*", "*/b/*", "**/b", ".h*/*", "nothing/*"])
+def test_glob_matches_the_glob_module(tmp_path, monkeypatch, pattern):
+    """Input globs are expanded by our own walk (to report unreadable folders and end symlink loops); on an
+    ordinary tree it must match exactly what glob.glob(recursive=True) matches."""
+    import glob as globmodule
+
+    from megatron_mobilellm.data.preprocess import _glob
+    for f in ["top.jsonl", "a/x1.jsonl", "a/x2.jsonl.gz", "a/b/y.jsonl", "a/b/c/z.jsonl", "ab/x3.jsonl", "a/.hid.jsonl",
+              ".h/x4.jsonl", "b/b/w.txt"]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    for spec in (pattern, str(tmp_path / pattern)):
+        assert _glob(spec) == sorted({Path(m) for m in globmodule.glob(spec, recursive=True)}), spec

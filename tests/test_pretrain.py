@@ -2,15 +2,10 @@
 
 import pytest
 
-from helpers import logged_losses, make_corpus, read_scalars, run_pretrain, tiny_args
+from helpers import logged_losses, read_scalars, run_pretrain, tiny_args
 
 TAGS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tflops_per_gpu", "train/mfu",
         "train/mem_max_allocated_gib", "valid/loss", "valid/ppl"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("data") / "corpus")
 
 
 @pytest.fixture(scope="module")

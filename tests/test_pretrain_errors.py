@@ -4,15 +4,12 @@ import json
 
 import pytest
 
-from helpers import ROOT, make_corpus, tiny_args
+from helpers import ROOT, tiny_args
 from megatron_mobilellm import pretrain
 from megatron_mobilellm.training.arguments import ConfigError, data_parallel_checks, parse_args
 from megatron_mobilellm.training.ds_config import build_ds_config
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("data") / "corpus", num_docs=50)
+CORPUS_DOCS = 50
 
 
 def fails(argv, capsys, monkeypatch, world=None):

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_mobilellm.convert.ds_checkpoint import CheckpointError, consolidate, read_model_config, resolve_tag
+from megatron_mobilellm.checkpoint_layout import read_checkpoint
 from megatron_mobilellm.convert.hf_format import DTYPES, FORMATS, ExportError, write_hf
+from megatron_mobilellm.errors import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=1e-4, help="--verify: max |Δlogits| allowed")
     args = p.parse_args(argv)
     try:
-        tag = resolve_tag(args.checkpoint, args.tag, args.iteration)
-        cfg = read_model_config(args.checkpoint, tag)
-        state = consolidate(args.checkpoint, tag)
+        tag, cfg, state = read_checkpoint(args.checkpoint, args.tag, args.iteration)
         out = write_hf(state, cfg, args.output, args.dtype, args.format, args.tokenizer_model, args.overwrite,
                        int(args.max_shard_size_gb * (1 << 30)))
     except (CheckpointError, ExportError, FileNotFoundError) as e:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_mobilellm.checkpoint_layout import write_imported_weights
 from megatron_mobilellm.convert.hf_format import ExportError, read_hf
-from megatron_mobilellm.training.checkpointing import write_imported_weights
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_mobilellm.convert.ds_checkpoint import consolidate, read_model_config, resolve_tag
+from megatron_mobilellm.checkpoint_layout import read_checkpoint
 from megatron_mobilellm.convert.gguf_format import OUTTYPES, check_output, read_vocabulary, write_gguf
 from megatron_mobilellm.convert.hf_format import ExportError, read_hf
 
@@ -31,8 +31,8 @@ def _load(args: argparse.Namespace):
     if args.checkpoint:
         if not args.tokenizer_model:
             raise ExportError("a GGUF carries its tokenizer: --checkpoint needs --tokenizer-model (--tokenizer-model)")
-        tag = resolve_tag(args.checkpoint, args.tag, args.iteration)
-        return consolidate(args.checkpoint, tag), read_model_config(args.checkpoint, tag), args.tokenizer_model
+        _, cfg, state = read_checkpoint(args.checkpoint, args.tag, args.iteration)
+        return state, cfg, args.tokenizer_model
     state, cfg = read_hf(args.hf)
     if args.tokenizer_model:
         return state, cfg, args.tokenizer_model

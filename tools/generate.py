@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from megatron_mobilellm.convert.ds_checkpoint import CheckpointError, consolidate, read_model_config, resolve_tag
+from megatron_mobilellm.checkpoint_layout import read_checkpoint
+from megatron_mobilellm.errors import CheckpointError
 from megatron_mobilellm.generation import generate
 from megatron_mobilellm.model import MobileLLM
 
@@ -46,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         text = tok.decode(out, skip_special_tokens=True) if tok else None
     else:
         try:
-            tag = resolve_tag(args.checkpoint)
-            cfg = read_model_config(args.checkpoint, tag)
-            state = consolidate(args.checkpoint, tag)
+            _, cfg, state = read_checkpoint(args.checkpoint)
         except CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

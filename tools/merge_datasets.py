@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
-from megatron_mobilellm.data.indexed_dataset import DatasetFormatError, merge_datasets
+from megatron_mobilellm.data.indexed_dataset import DatasetFormatError, DatasetWriteError, merge_datasets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,11 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in output order")
     p.add_argument("--output-prefix", required=True)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop cleans up like Ctrl-C
     try:
         n = merge_datasets(args.input, args.output_prefix)
-    except DatasetFormatError as e:
+    except (DatasetFormatError, DatasetWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; nothing written ({args.output_prefix})", file=sys.stderr)
+        return 130
     print(f"merged {len(args.input)} datasets, {n:,} sequences → {args.output_prefix}.bin/.idx")
     return 0
 

@@ -9,24 +9,48 @@
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
+from typing import Callable
 
+from megatron_mobilellm.data.indexed_dataset import DatasetWriteError
 from megatron_mobilellm.data.preprocess import Options, PreprocessError, preprocess
+
+MAX_WORKERS = 1024
+MAX_VOCAB = 2**31 - 1  # ids are stored as int32 above 65,500
+MAX_CHUNK_MB = 1024.0  # memory is about chunk size × workers × 2
+
+
+def bounded(kind: type, low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` in ``[low, high]``, checked before any work starts."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low:g}, {high:g}]")
+        return value
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
-                   help="files, directories (every *.jsonl[.gz|.zst] below, sorted by path) or globs")
+                   help="files, directories (every *.jsonl[.gz|.zst] below, symlinked folders included, sorted by "
+                        "path) or globs; .zst needs the [zstd] extra")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--json-key", default=None, help="key of each line to read (token_ids, or text with a tokenizer)")
-    p.add_argument("--vocab-size", type=int, default=None,
+    p.add_argument("--vocab-size", type=bounded(int, 1, MAX_VOCAB), default=None,
                    help="bounds-checks ids and picks the token dtype (default 32000, or the tokenizer's)")
     p.add_argument("--tokenizer-model", default=None, help="SentencePiece model: tokenize raw text")
     p.add_argument("--append-eos", action="store_true", help="end every document with the tokenizer's EOS")
     p.add_argument("--prepend-bos", action="store_true", help="start every document with the tokenizer's BOS")
-    p.add_argument("--workers", type=int, default=1, help="parser processes (output is identical for any N)")
-    p.add_argument("--chunk-size-mb", type=float, default=4.0, help="lines are dispatched in chunks of this size")
+    p.add_argument("--workers", type=bounded(int, 1, MAX_WORKERS), default=1,
+                   help="parser processes (output is identical for any N)")
+    p.add_argument("--chunk-size-mb", type=bounded(float, 1e-3, MAX_CHUNK_MB), default=4.0,
+                   help="lines are dispatched in chunks of this size")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip and count malformed lines instead of stopping at the first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -35,8 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--append-eos/--prepend-bos need --tokenizer-model (token_ids lines are taken as they are)")
     if args.tokenizer_model and args.vocab_size:
         p.error("--vocab-size comes from --tokenizer-model; give one or the other")
-    if args.workers < 1:
-        p.error("--workers must be >= 1")
     args.json_key = args.json_key or ("text" if args.tokenizer_model else "token_ids")
     return args
 
@@ -46,13 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(json_key=args.json_key, vocab_size=args.vocab_size or 32000,
                    tokenizer_model=args.tokenizer_model, append_eos=args.append_eos,
                    prepend_bos=args.prepend_bos, skip_bad_lines=args.skip_bad_lines)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop cleans up like Ctrl-C
     try:
         summary = preprocess(args.input, args.output_prefix, opts, workers=args.workers,
                              chunk_bytes=int(args.chunk_size_mb * (1 << 20)), progress=not args.no_progress)
-    except (PreprocessError, FileNotFoundError, RuntimeError) as e:
+    except (PreprocessError, DatasetWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
-        print(f"nothing written at {args.output_prefix}.bin/.idx", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; nothing written ({args.output_prefix})", file=sys.stderr)
+        return 130
     print(summary.report())
     print(f"wrote {args.output_prefix}.bin and {args.output_prefix}.idx")
     return 0

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from megatron_mobilellm.config import ModelConfig
 from megatron_mobilellm.convert.hf_format import read_hf
-from megatron_mobilellm.generation import generate
 from megatron_mobilellm.model import MobileLLM
 from megatron_mobilellm.model.hf_adapter import hf_config_dict, to_hf
 
@@ -65,14 +64,22 @@ class PromptAgreement:
     """max |Δlogits| over the prompt and our greedy continuation, both models fed the same ids."""
 
 
-def _llama_cpp_greedy(llm, ids: list[int], new_tokens: int) -> list[int]:
-    llm.reset()
-    llm.eval(ids)
+def _greedy(next_logits: Callable[[list[int]], torch.Tensor], ids: list[int], new_tokens: int) -> list[int]:
     out = list(ids)
     for _ in range(new_tokens):
-        out.append(int(llm.scores[llm.n_tokens - 1].argmax()))
-        llm.eval(out[-1:])
+        out.append(int(next_logits(out).argmax()))
     return out
+
+
+def _llama_cpp_next_logits(llm) -> Callable[[list[int]], torch.Tensor]:
+    """Next-token logits from llama.cpp, feeding only the ids its KV cache has not seen."""
+    llm.reset()
+
+    def next_logits(ids: list[int]) -> torch.Tensor:
+        llm.eval(ids[llm.n_tokens:])
+        return torch.from_numpy(llm.scores[llm.n_tokens - 1])
+
+    return next_logits
 
 
 @torch.no_grad()
@@ -90,8 +97,8 @@ def llama_cpp_agreement(gguf_path: str | Path, state: dict[str, torch.Tensor], c
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False)
     results = []
     for text, ids in zip(prompts, encoded):
-        reference = generate(ours, ids, new_tokens)
-        theirs = _llama_cpp_greedy(llm, ids, new_tokens)
+        reference = _greedy(lambda seq: ours(torch.tensor([seq]))[0, -1], ids, new_tokens)
+        theirs = _greedy(_llama_cpp_next_logits(llm), ids, new_tokens)
         fed = reference[:-1]
         llm.reset()
         llm.eval(fed)

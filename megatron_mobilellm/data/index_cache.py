@@ -18,6 +18,11 @@ import torch.distributed as dist
 from megatron_mobilellm.atomic import atomic_file
 
 
+def default_cache_dir(prefix: str | Path) -> Path:
+    """Where index arrays go without ``--data-cache-path``: beside the dataset, one folder per prefix."""
+    return Path(f"{prefix}_cache")
+
+
 def description_hash(description: dict) -> str:
     return hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()
 

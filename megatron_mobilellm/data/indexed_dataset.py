@@ -18,11 +18,18 @@ Files appear atomically: the writer works on temporary names and renames them on
 
 from __future__ import annotations
 
-import os
+import errno
+import hashlib
 import struct
+from contextlib import ExitStack, contextmanager
+from functools import cached_property
 from pathlib import Path
+from typing import IO, Iterator
 
 import numpy as np
+
+from megatron_mobilellm.atomic import atomic_files, remove_stale_temporaries, write_error_message
+from megatron_mobilellm.errors import DatasetFormatError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -30,10 +37,6 @@ DTYPE_CODES: dict[int, type] = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int3
                                 7: np.float32, 8: np.uint16}
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 _HEADER = struct.Struct("<9sQBQQ")
-
-
-class DatasetFormatError(ValueError):
-    """A ``.bin``/``.idx`` pair that is missing or does not follow the format; the message names the file."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -49,10 +52,25 @@ def bin_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.bin")
 
 
+class DatasetWriteError(RuntimeError):
+    """The output dataset cannot be written (disk full, permissions, a folder in the way); the message is one line
+    naming the path. Nothing was left behind and an existing dataset at the prefix is untouched."""
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise DatasetWriteError(write_error_message(e, path)) from e
+
+
 class IndexedDatasetWriter:
     """Streams documents into ``PREFIX.bin`` and writes ``PREFIX.idx`` on ``finalize``.
 
-    Use as a context manager: on an exception the temporary files are removed and nothing appears at PREFIX.
+    Use as a context manager: both files are written under temporary names (``megatron_mobilellm.atomic``) and
+    appear only when complete; on any exception the temporaries are removed and whatever was at PREFIX before stays.
+    The output location is checked on construction, so a bad ``--output-prefix`` fails before any work is done.
     """
 
     def __init__(self, prefix: str | Path, dtype: np.dtype | type):
@@ -60,11 +78,17 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
             raise ValueError(f"unsupported token dtype {self.dtype}")
-        suffix = f".tmp-{os.getpid()}"
-        self._tmp_bin = Path(f"{bin_path(prefix)}{suffix}")
-        self._tmp_idx = Path(f"{idx_path(prefix)}{suffix}")
-        self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        self._bin = open(self._tmp_bin, "wb")
+        paths = [bin_path(prefix), idx_path(prefix)]
+        for p in paths:
+            if p.is_dir():  # found now, not at the final rename after all the work
+                raise DatasetWriteError(write_error_message(IsADirectoryError(errno.EISDIR, "is a directory"), p))
+        self._stack = ExitStack()
+        with _writing(self.prefix.parent):
+            self.prefix.parent.mkdir(parents=True, exist_ok=True)
+            for p in paths:
+                remove_stale_temporaries(p)
+        with _writing(paths[0]):
+            self._bin, self._idx = self._stack.enter_context(atomic_files(paths, "wb"))
         self._lengths: list[np.ndarray] = []
         self._doc_starts: list[np.ndarray] = []  # sequence index where each document starts
         self.num_sequences = 0
@@ -76,7 +100,8 @@ class IndexedDatasetWriter:
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
-        self._bin.write(tokens.tobytes())
+        with _writing(bin_path(self.prefix)):
+            self._bin.write(tokens.data)
         self._record(lengths, np.arange(len(lengths), dtype=np.int64))
         self.num_tokens += tokens.size
 
@@ -87,7 +112,12 @@ class IndexedDatasetWriter:
         """Copy another dataset of the same dtype, keeping its sequences and document boundaries."""
         if ds.dtype != self.dtype:
             raise DatasetFormatError(f"{ds.prefix}: token dtype {ds.dtype}, but this dataset is {self.dtype}")
-        with open(bin_path(ds.prefix), "rb") as src:
+        src_path = bin_path(ds.prefix)
+        try:
+            src = open(src_path, "rb")
+        except OSError as e:
+            raise DatasetFormatError(f"cannot read {src_path}: {e.strerror.lower()}") from e
+        with src, _writing(bin_path(self.prefix)):
             while block := src.read(64 << 20):
                 self._bin.write(block)
         self._record(ds.sequence_lengths.astype(np.int64), np.asarray(ds.document_indices[:-1], dtype=np.int64))
@@ -99,17 +129,12 @@ class IndexedDatasetWriter:
         self.num_sequences += len(lengths)
 
     def finalize(self) -> None:
-        self._bin.close()
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int64)
         doc_index = np.concatenate([*self._doc_starts, [self.num_sequences]]).astype(np.int64)
-        write_index(self._tmp_idx, self.dtype, lengths, doc_index)
-        os.replace(self._tmp_bin, bin_path(self.prefix))
-        os.replace(self._tmp_idx, idx_path(self.prefix))
-
-    def abort(self) -> None:
-        self._bin.close()
-        for p in (self._tmp_bin, self._tmp_idx):
-            p.unlink(missing_ok=True)
+        with _writing(idx_path(self.prefix)):
+            write_index(self._idx, self.dtype, lengths, doc_index)
+        with _writing(bin_path(self.prefix)):
+            self._stack.close()
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
@@ -117,21 +142,38 @@ class IndexedDatasetWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.finalize()
-        else:
-            self.abort()
+        else:  # the temporaries go, nothing is renamed
+            self._stack.__exit__(exc_type, exc, tb)
 
 
-def write_index(path: Path, dtype: np.dtype, lengths: np.ndarray, doc_index: np.ndarray) -> None:
+def write_index(f: IO[bytes], dtype: np.dtype, lengths: np.ndarray, doc_index: np.ndarray) -> None:
+    """Write the ``.idx`` of sequences ``lengths`` (one per document when ``doc_index`` is 0..S) to ``f``."""
     if len(lengths) and lengths.max() > np.iinfo(np.int32).max:
         raise ValueError("a sequence longer than 2^31-1 tokens cannot be indexed")
     # int64 throughout: numpy >= 2 keeps int32 for int32 inputs and would overflow past 2 GiB of tokens.
     pointers = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
-    with open(path, "wb") as f:
-        f.write(_HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[np.dtype(dtype)], len(lengths), len(doc_index)))
-        f.write(lengths.astype(np.int32).tobytes())
-        f.write(pointers.tobytes())
-        f.write(np.asarray(doc_index, dtype=np.int64).tobytes())
+    f.write(_HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[np.dtype(dtype)], len(lengths), len(doc_index)))
+    f.write(lengths.astype(np.int32).tobytes())
+    f.write(pointers.tobytes())
+    f.write(np.asarray(doc_index, dtype=np.int64).tobytes())
+
+
+def check_index_arrays(ipath: Path, lengths: np.ndarray, pointers: np.ndarray, doc_index: np.ndarray,
+                       itemsize: int) -> None:
+    """Vectorised consistency of an opened index, so a corrupted ``.idx`` fails at open instead of mid-run."""
+    if len(lengths) and lengths.min() < 0:
+        raise DatasetFormatError(f"{ipath}: negative length for sequence {int(np.argmax(lengths < 0))}")
+    expected = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1].astype(np.int64) * itemsize, out=expected[1:])
+    bad = np.flatnonzero(pointers != expected)
+    if bad.size:
+        i = int(bad[0])
+        raise DatasetFormatError(f"{ipath}: sequence {i} points to byte {int(pointers[i])}, but the lengths before "
+                                 f"it place it at byte {int(expected[i])} (corrupted pointers)")
+    if len(doc_index) == 0 or doc_index[0] != 0 or doc_index[-1] != len(lengths) or np.any(np.diff(doc_index) < 0):
+        raise DatasetFormatError(f"{ipath}: the document index is not an increasing list of sequence starts "
+                                 f"from 0 to {len(lengths)} (corrupted index)")
 
 
 class IndexedDataset:
@@ -165,6 +207,8 @@ class IndexedDataset:
         self.sequence_lengths = np.frombuffer(self._idx, dtype=np.int32, count=n_seq, offset=off)
         self.sequence_pointers = np.frombuffer(self._idx, dtype=np.int64, count=n_seq, offset=off + 4 * n_seq)
         self.document_indices = np.frombuffer(self._idx, dtype=np.int64, count=n_doc, offset=off + 12 * n_seq)
+        check_index_arrays(ipath, self.sequence_lengths, self.sequence_pointers, self.document_indices,
+                           self.dtype.itemsize)
         total = int(self.sequence_lengths.sum(dtype=np.int64)) * self.dtype.itemsize
         size = bpath.stat().st_size
         if size != total:
@@ -174,6 +218,16 @@ class IndexedDataset:
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
+
+    @cached_property
+    def identity(self) -> dict:
+        """What index arrays built from this dataset depend on, for cache keys: a dataset rewritten in place,
+        even with the same sizes and document count, gets a new identity (file times and a hash of the lengths)."""
+        ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
+        ist, bst = ipath.stat(), bpath.stat()
+        lengths_hash = hashlib.blake2b(memoryview(np.ascontiguousarray(self.sequence_lengths)), digest_size=16)
+        return {"prefix": str(Path(self.prefix).resolve()), "idx_size": ist.st_size, "idx_mtime_ns": ist.st_mtime_ns,
+                "bin_size": bst.st_size, "bin_mtime_ns": bst.st_mtime_ns, "lengths_blake2b": lengths_hash.hexdigest()}
 
     @property
     def num_tokens(self) -> int:
@@ -194,7 +248,12 @@ def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path) -> int
 
     Returns the number of sequences written; output appears atomically as with the writer.
     """
-    datasets = [IndexedDataset(p) for p in prefixes]
+    datasets = []
+    for p in prefixes:
+        try:
+            datasets.append(IndexedDataset(p))
+        except OSError as e:
+            raise DatasetFormatError(f"cannot read {e.filename or p}: {e.strerror.lower()}") from e
     if len({ds.dtype for ds in datasets}) != 1:
         raise DatasetFormatError("cannot merge datasets of different token dtypes: "
                                  + ", ".join(f"{ds.prefix}={ds.dtype}" for ds in datasets))

@@ -3,22 +3,35 @@
 
 Inputs are read in order (directories walked in sorted path order, so ``basepath/<node>/*.jsonl`` converts as laid
 out) and cut into chunks of lines; chunks are parsed by a process pool and written strictly in input order, so the
-output is byte-identical for any number of workers and memory is bounded by ``chunk_bytes × workers``.
+output is byte-identical for any number of workers and memory is bounded by about
+``2 × chunk_bytes × workers``.
 
-Token-id lines take a fast path: the ``"token_ids"`` array is located with byte searches and parsed by numpy's C
-parser, and the rest of the object is validated by orjson; any doubt sends the line to the plain
-``orjson.loads`` path, which is also what produces the error messages. (Like many JSON readers, the fast path
-accepts integers with leading zeros.)
+Token-id lines take a fast path (``parse_ids_fast``): the ``"token_ids"`` array is located with byte searches and
+parsed by numpy's C parser, and the rest of the object is validated by orjson. It only ever accepts a line that the
+plain ``orjson.loads`` path (``parse_ids_slow``) accepts with the same ids; any doubt sends the line there, which
+is also what produces the error messages, so both paths give the same result or the same error on every line.
+
+Workers run under a pool that notices a dead worker, die with the main process, and leave Ctrl-C to it; every
+failure leaves nothing behind (see ``IndexedDatasetWriter``).
 """
 
 from __future__ import annotations
 
-import glob
+import ctypes
+import fnmatch
 import gzip
 import io
 import os
+import re
+import signal
+import stat
+import sys
 import time
-import warnings
+import zlib
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import dataclass, field
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
@@ -31,7 +44,10 @@ from tqdm import tqdm
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter, token_dtype
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-_NOT_INT_CHARS = b"0123456789, \t\r\n"
+_JSON_WS = b" \t\r\n"
+_SEPARATORS = b"," + _JSON_WS
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_MAGIC = re.compile(r"[*?[]")  # what makes a path component a glob pattern (as in the glob module)
 
 
 class BadLine(ValueError):
@@ -39,7 +55,8 @@ class BadLine(ValueError):
 
 
 class PreprocessError(RuntimeError):
-    """A bad input line in strict mode; the message is ``file:line: reason``."""
+    """Input that cannot be converted: a bad line in strict mode (``file:line: reason``), an unreadable, missing or
+    damaged file; the message is one line naming the file."""
 
 
 @dataclass
@@ -89,71 +106,198 @@ class Summary:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given, directories → every jsonl file below in sorted path order, globs → sorted matches."""
+    """Files as given; directories → every jsonl file below, symlinked folders included, in sorted path order;
+    globs → sorted matches (folders among them walked the same way).
+
+    Every file is checked readable here, before any work. Each real file is read once: one reached again (through
+    a symlink loop, two links to it, or a repeated ``--input``) is skipped with a warning.
+    """
     files: list[Path] = []
+    seen: dict[tuple[int, int], Path] = {}
+    repeats: list[str] = []
     for spec in inputs:
-        p = Path(spec)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
-            if not found:
-                raise FileNotFoundError(f"--input {spec}: directory has no {'/'.join(SUFFIXES)} files")
-            files += found
-        elif p.is_file():
-            files.append(p)
+        if os.path.lexists(spec):
+            found = _walk(Path(spec), repeats)
         else:
-            found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
-            if not found:
-                raise FileNotFoundError(f"--input {spec}: no such file, directory or glob match")
-            files += found
+            matches = _glob(spec)
+            if not matches:
+                raise PreprocessError(f"no such file, directory or glob match ({spec})")
+            found = [f for m in matches for f in _walk(Path(m), repeats)]
+        for f in found:
+            ident = _check_readable(f)
+            if ident in seen:
+                if f != seen[ident]:  # the same path twice (a glob like base/** and its folders) is no news
+                    repeats.append(f"{f} is {seen[ident]}")
+                continue
+            seen[ident] = f
+            files.append(f)
+    if repeats:
+        print(f"warning: {len(repeats)} input path(s) lead to a file already read, skipped (e.g. {repeats[0]})",
+              file=sys.stderr)
+    for f in files:
+        if f.name.endswith(".zst"):
+            _zstandard(f)  # fails now rather than after the files before it are converted
+            break
     return files
 
 
-def _open(path: Path) -> io.BufferedIOBase:
+def _glob(pattern: str) -> list[Path]:
+    """``glob.glob(pattern, recursive=True)``, sorted, except that an unreadable folder on the way is an error (glob
+    skips it without a word) and ``**`` enters each real folder once (glob follows a symlink loop ~40 deep)."""
+    parts = Path(pattern).parts
+    literal = next((i for i, part in enumerate(parts) if _MAGIC.search(part)), len(parts))
+    matches = [Path(*parts[:literal])] if literal else [Path()]
+    for i, part in enumerate(parts[literal:], literal):
+        last = i == len(parts) - 1
+        found: list[Path] = []
+        for base in matches:
+            if part == "**":  # this folder and every one below (and, last, every file below); hidden ones not
+                for folder, _, names in _walk_folders(base):
+                    if not any(p.startswith(".") for p in Path(folder).relative_to(base).parts):
+                        found += [Path(folder)] + [Path(folder, n) for n in names if last and not n.startswith(".")]
+            elif base.is_dir():
+                names = _listdir(base)
+                found += [base / n for n in names if fnmatch.fnmatchcase(n, part)
+                          and (part.startswith(".") or not n.startswith("."))
+                          and (last or (base / n).is_dir())]
+        matches = found
+    return sorted({m for m in matches if m != Path() and os.path.lexists(m)})
+
+
+def _listdir(folder: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as e:
+        raise PreprocessError(f"cannot read {folder}: {e.strerror.lower()}") from None
+
+
+def _walk_folders(root: Path, repeats: list[str] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` following symlinked folders, in sorted depth-first order, entering each real folder once (a
+    repeat is noted in ``repeats``) so a symlink loop ends; an unreadable folder is a PreprocessError."""
+    def unreadable(e: OSError) -> None:
+        raise PreprocessError(f"cannot read {e.filename}: {e.strerror.lower()}")
+
+    entered: dict[tuple[int, int], str] = {}
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in entered:
+            if repeats is not None:
+                repeats.append(f"{folder} is {entered[st.st_dev, st.st_ino]}")
+            subfolders.clear()
+            continue
+        entered[st.st_dev, st.st_ino] = folder
+        subfolders.sort()  # the first path to a folder is then the first in sorted order
+        yield folder, subfolders, sorted(names)
+
+
+def _walk(root: Path, repeats: list[str]) -> list[Path]:
+    """``root`` itself unless it is a folder (or a link to one); then its jsonl files in sorted path order."""
+    if not root.is_dir():
+        return [root]
+    found = [Path(f, n) for f, _, names in _walk_folders(root, repeats) for n in names if n.endswith(SUFFIXES)]
+    if not found:
+        raise PreprocessError(f"directory has no {'/'.join(SUFFIXES)} files ({root})")
+    return sorted(found)
+
+
+def _check_readable(path: Path) -> tuple[int, int]:
+    """The file's identity (device, inode); PreprocessError if it cannot be opened for reading."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise PreprocessError(f"cannot read {path}: {e.strerror.lower()}") from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise PreprocessError(f"cannot read {path}: is a directory")
+    return st.st_dev, st.st_ino
+
+
+def _zstandard(path: Path):
+    """The optional ``zstandard`` module, or PreprocessError naming the extra that installs it."""
+    try:
+        import zstandard
+    except ImportError:
+        raise PreprocessError("reading .zst input needs the zstandard package: "
+                              f"pip install 'megatron-mobilellm[zstd]' ({path})") from None
+    return zstandard
+
+
+def _open(path: Path) -> tuple[io.BufferedIOBase, tuple[type[BaseException], ...]]:
+    """The decompressed stream of ``path`` and the exceptions, besides OSError, that mean it is damaged."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(path, "rb"), (EOFError, zlib.error)
     if path.name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError as e:
-            raise RuntimeError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from e
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return open(path, "rb")
+        zstandard = _zstandard(path)
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.BufferedReader(reader), (zstandard.ZstdError,)
+    return open(path, "rb"), ()
 
 
 def read_chunks(files: list[Path], chunk_bytes: int) -> Iterator[Chunk]:
     for path in files:
-        line_no = 1
-        with _open(path) as f:
-            while True:
-                lines = f.readlines(chunk_bytes)
-                if not lines:
-                    break
-                yield Chunk(str(path), line_no, lines, sum(map(len, lines)))
-                line_no += len(lines)
+        line_no, damaged = 1, ()
+        try:
+            stream, damaged = _open(path)
+            with stream as f:
+                while lines := f.readlines(chunk_bytes):
+                    yield Chunk(str(path), line_no, lines, sum(map(len, lines)))
+                    line_no += len(lines)
+        except (gzip.BadGzipFile, *damaged) as e:
+            kind = "zstd" if path.name.endswith(".zst") else "gzip"
+            raise PreprocessError(f"{path}: corrupt {kind} data after line {line_no - 1} ({e})") from None
+        except OSError as e:
+            raise PreprocessError(f"cannot read {path}: {(e.strerror or str(e)).lower()}") from None
 
 
-def _parse_ids_fast(line: bytes, key: bytes, vocab_size: int) -> np.ndarray | None:
-    """The ids of a well-formed line, or None when anything looks unusual (the slow path then decides)."""
+def parse_ids_fast(line: bytes, key: bytes, vocab_size: int) -> tuple[np.ndarray, int] | None:
+    """``(ids, digits)`` of a plain, well-formed line, or None: then ``parse_ids_slow`` decides, and gives errors.
+
+    Plain means: the quoted key occurs once and the line has no backslash (so no escaped spelling of the key can
+    hide elsewhere, and the occurrence found is the top-level key), and the array holds only digits, commas and
+    JSON whitespace, ending in a digit. The array is parsed by numpy's C parser (which raises on a missing or
+    doubled comma), the rest of the object by orjson. ``digits`` counts the array's digit characters: the caller
+    compares it with the ids' own digit count (``_digit_count``), which rejects leading zeros, as JSON does.
+    """
     k = line.find(key)
-    if k < 0:
+    if k < 0 or line.find(key, k + 1) >= 0 or b"\\" in line:
         return None
     lb = line.find(b"[", k + len(key))
-    if lb < 0 or line[k + len(key):lb].strip() != b":":
+    if lb < 0 or line[k + len(key):lb].strip(_JSON_WS) != b":":
         return None
     rb = line.find(b"]", lb)
+    if rb < 0:
+        return None
     content = line[lb + 1:rb]
-    if rb < 0 or not content.strip() or content.translate(None, _NOT_INT_CHARS):
+    digits = content.translate(None, _SEPARATORS)
+    # Only digits, commas and whitespace, ending in a digit (numpy would accept a trailing comma).
+    if not digits.isdigit() or not content.rstrip(_JSON_WS)[-1:].isdigit():
+        return None
+    try:
+        ids = np.fromstring(content, dtype=np.int64, sep=",")  # raises on text it cannot read to the end
+    except ValueError:
+        return None
+    # numpy saturates ids beyond int64 at its maximum, so the bound check catches overflow too.
+    if ids.max() >= vocab_size:
         return None
     try:
         rest = orjson.loads(line[:lb + 1] + line[rb:])
-        ids = np.fromstring(content, dtype=np.int64, sep=",")
-    except (orjson.JSONDecodeError, ValueError):
+    except orjson.JSONDecodeError:
         return None
-    # numpy saturates ids beyond int64 at its maximum, so the bound check catches overflow too.
-    if (not isinstance(rest, dict) or rest.get(key[1:-1].decode()) != [] or ids.size != content.count(b",") + 1
-            or ids.max() >= vocab_size):
+    if not isinstance(rest, dict) or rest.get(key[1:-1].decode()) != []:
         return None
-    return ids
+    return ids, len(digits)
+
+
+def _digit_count(ids: np.ndarray) -> int:
+    """Digits of ``ids`` written in decimal without leading zeros."""
+    n, power, top = ids.size, 10, int(ids.max()) if ids.size else 0
+    while power <= top:
+        n += int(np.count_nonzero(ids >= power))
+        power *= 10
+    return n
 
 
 def _value_of(line: bytes, key: str):
@@ -171,7 +315,8 @@ def _value_of(line: bytes, key: str):
     return obj[key]
 
 
-def _parse_ids_slow(line: bytes, key: str, vocab_size: int) -> np.ndarray:
+def parse_ids_slow(line: bytes, key: str, vocab_size: int) -> np.ndarray:
+    """The ids of ``line`` by the plain route (orjson), or BadLine naming the first problem."""
     ids = _value_of(line, key)
     if not isinstance(ids, list):
         raise BadLine(f"{key!r} is not a list")
@@ -188,10 +333,18 @@ def _parse_ids_slow(line: bytes, key: str, vocab_size: int) -> np.ndarray:
 _tokenizer = None
 
 
-def _init_worker(opts: Options) -> None:
+def _init_worker(opts: Options, parent_pid: int | None = None) -> None:
+    """Per-process setup; in pool workers (``parent_pid`` given) also their signal behaviour: Ctrl-C is the main
+    process's to handle (it stops the pool), and a worker dies with the main process, even on kill -9, instead of
+    waiting for work forever."""
     global _tokenizer
-    # numpy's text parser only warns on trailing garbage; make that an error the fast path can catch.
-    warnings.filterwarnings("error", message="string or file could not be read to its end")
+    if parent_pid is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the main process died before the line above took effect
+            os._exit(1)
     if opts.tokenizer_model:
         import sentencepiece
 
@@ -213,17 +366,26 @@ def _parse_text(line: bytes, opts: Options) -> np.ndarray:
 
 
 def process_chunk(chunk: Chunk, opts: Options) -> ChunkResult:
+    """Parse one chunk. Token-id lines take the fast path; its digit check runs once over the whole chunk, and only
+    when that fails (an id written with leading zeros somewhere) is the chunk parsed again checking line by line."""
+    return _parse_lines(chunk, opts, False) or _parse_lines(chunk, opts, True)
+
+
+def _parse_lines(chunk: Chunk, opts: Options, check_each_line: bool) -> ChunkResult | None:
     docs: list[np.ndarray] = []
     bad: list[tuple[str, int, str]] = []
     key = f'"{opts.json_key}"'.encode()
+    digits = 0  # digit characters of the token_ids arrays, to compare with the ids' own
     for i, line in enumerate(chunk.lines):
         try:
             if opts.tokenizer_model:
                 ids = _parse_text(line, opts)
             else:
-                ids = _parse_ids_fast(line, key, opts.vocab_size)
-                if ids is None:
-                    ids = _parse_ids_slow(line, opts.json_key, opts.vocab_size)
+                fast = parse_ids_fast(line, key, opts.vocab_size)
+                if fast is not None and check_each_line and fast[1] != _digit_count(fast[0]):
+                    fast = None
+                ids, n = fast or (parse_ids_slow(line, opts.json_key, opts.vocab_size), None)
+                digits += _digit_count(ids) if n is None else n
         except BadLine as e:
             bad.append((chunk.path, chunk.first_line + i, str(e)))
             if not opts.skip_bad_lines:
@@ -232,54 +394,92 @@ def process_chunk(chunk: Chunk, opts: Options) -> ChunkResult:
         docs.append(ids)
     # Ids are already bounds-checked; shipping them in the output dtype cuts the transfer from workers 4x.
     tokens = (np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)).astype(token_dtype(opts.vocab_size))
+    if not opts.tokenizer_model and not check_each_line and _digit_count(tokens) != digits:
+        return None
     lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
     return ChunkResult(tokens, lengths, bad, chunk.nbytes)
 
 
-def _process_chunk_star(args: tuple[Chunk, Options]) -> ChunkResult:
-    return process_chunk(*args)
+def _parse_in_order(chunks: Iterator[Chunk], opts: Options, workers: int) -> Iterator[ChunkResult]:
+    """Chunk results in input order, from ``workers`` processes (at most two chunks each in flight).
+
+    The pool notices a worker that dies (the OOM killer): the chunk it held is named in a PreprocessError and the
+    other workers are stopped. Closing this generator (an error or Ctrl-C in the caller) cancels what is queued
+    and waits only for the chunks being parsed.
+    """
+    if workers == 1:
+        _init_worker(opts)
+        yield from (process_chunk(c, opts) for c in chunks)
+        return
+    # fork: workers start in milliseconds and need not re-import the caller's __main__.
+    ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+    pending: deque[tuple[Future, Chunk]] = deque()
+    with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=(opts, os.getpid())) as pool:
+        try:
+            for chunk in chunks:
+                try:
+                    pending.append((pool.submit(process_chunk, chunk, opts), chunk))
+                except BrokenProcessPool:  # a worker died since the last result; the oldest chunk is the suspect
+                    raise _worker_died(pending[0][1] if pending else chunk) from None
+                if len(pending) >= 2 * workers:
+                    yield _result(*pending.popleft())
+            while pending:
+                yield _result(*pending.popleft())
+        finally:
+            for future, _ in pending:
+                future.cancel()
+
+
+def _result(future: Future, chunk: Chunk) -> ChunkResult:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise _worker_died(chunk) from None
+
+
+def _worker_died(chunk: Chunk) -> PreprocessError:
+    return PreprocessError(f"{chunk.path}:{chunk.first_line}: a worker process died parsing the chunk from this line "
+                           "(out of memory? try fewer --workers or a smaller --chunk-size-mb)")
 
 
 def preprocess(inputs: list[str], output_prefix: str, opts: Options, workers: int = 1,
                chunk_bytes: int = 4 << 20, progress: bool = True) -> Summary:
-    """Convert ``inputs`` to ``output_prefix.bin/.idx``; raises PreprocessError (and writes nothing) on bad input."""
+    """Convert ``inputs`` to ``output_prefix.bin/.idx``.
+
+    Bad input raises PreprocessError, an unwritable output DatasetWriteError, both before any work where they can
+    be seen then; in every case (Ctrl-C included) nothing is written and an existing dataset at the prefix stays.
+    """
     if opts.tokenizer_model:
         import sentencepiece
 
-        opts.vocab_size = sentencepiece.SentencePieceProcessor(model_file=opts.tokenizer_model).vocab_size()
+        try:
+            opts.vocab_size = sentencepiece.SentencePieceProcessor(model_file=opts.tokenizer_model).vocab_size()
+        except (OSError, RuntimeError) as e:
+            raise PreprocessError(f"cannot load the tokenizer model: {str(e).splitlines()[0]} "
+                                  f"({opts.tokenizer_model})") from None
     files = expand_inputs(inputs)
     summary = Summary(files=len(files))
     start = time.perf_counter()
     total = sum(f.stat().st_size for f in files)
-    jobs = ((c, opts) for c in read_chunks(files, chunk_bytes))
-    # fork: workers start in milliseconds and need not re-import the caller's __main__.
-    method = "fork" if "fork" in get_all_start_methods() else "spawn"
-    pool = get_context(method).Pool(workers, _init_worker, (opts,)) if workers > 1 else None
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not progress, smoothing=0.1)
-    if pool is None:
-        _init_worker(opts)
-    try:
-        results = pool.imap(_process_chunk_star, jobs) if pool else map(_process_chunk_star, jobs)
-        with IndexedDatasetWriter(output_prefix, token_dtype(opts.vocab_size)) as writer:
-            for res in results:
-                if res.bad and not opts.skip_bad_lines:
-                    path, line, reason = res.bad[0]
-                    raise PreprocessError(f"{path}:{line}: {reason}")
-                summary.skipped += len(res.bad)
-                room = 10 - len(summary.first_skipped)
-                summary.first_skipped += [f"{p}:{n}: {r}" for p, n, r in res.bad[:max(room, 0)]]
-                writer.add_documents(res.tokens, res.lengths)
-                summary.documents += len(res.lengths)
-                summary.tokens += res.tokens.size
-                summary.input_bytes += res.nbytes
-                bar.update(res.nbytes)
-                elapsed = time.perf_counter() - start
-                bar.set_postfix_str(f"{summary.documents / elapsed:,.0f} docs/s, "
-                                    f"{summary.tokens / elapsed / 1e6:,.2f}M tok/s", refresh=False)
-    finally:
-        bar.close()
-        if pool:
-            pool.terminate()
+    parsed = _parse_in_order(read_chunks(files, chunk_bytes), opts, workers)  # starts on the first result
+    writer = IndexedDatasetWriter(output_prefix, token_dtype(opts.vocab_size))  # checks the output first
+    with writer, closing(parsed), tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=not progress,
+                               smoothing=0.1) as bar:
+        for res in parsed:
+            if res.bad and not opts.skip_bad_lines:
+                path, line, reason = res.bad[0]
+                raise PreprocessError(f"{path}:{line}: {reason}")
+            summary.skipped += len(res.bad)
+            room = 10 - len(summary.first_skipped)
+            summary.first_skipped += [f"{p}:{n}: {r}" for p, n, r in res.bad[:max(room, 0)]]
+            writer.add_documents(res.tokens, res.lengths)
+            summary.documents += len(res.lengths)
+            summary.tokens += res.tokens.size
+            summary.input_bytes += res.nbytes
+            bar.update(res.nbytes)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{summary.documents / elapsed:,.0f} docs/s, "
+                                f"{summary.tokens / elapsed / 1e6:,.2f}M tok/s", refresh=False)
     summary.elapsed = time.perf_counter() - start
     summary.output_bytes = summary.tokens * token_dtype(opts.vocab_size).itemsize
     return summary

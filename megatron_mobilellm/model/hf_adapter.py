@@ -32,10 +32,6 @@ def _join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfi
     return grouped.reshape(-1, h)
 
 
-def _passes(cfg: ModelConfig) -> int:
-    return cfg.layer_repeat if cfg.layer_sharing else 1
-
-
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict → ``LlamaForCausalLM`` keys (LS blocks unrolled; tensors are views, clone to own them)."""
     out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
@@ -51,8 +47,8 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
                  "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up,
                  "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"]}
         layer.update({hf: state[src + ours] for ours, hf in _LAYER_NORMS.items()})
-        for j in range(_passes(cfg)):
-            dst = f"model.layers.{i * _passes(cfg) + j}."
+        for j in range(cfg.passes_per_block):
+            dst = f"model.layers.{i * cfg.passes_per_block + j}."
             out.update({dst + key: t for key, t in layer.items()})
     return out
 
@@ -66,9 +62,9 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
     elif "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]):
         raise ValueError("checkpoint has an lm_head different from the embedding, but the config ties them")
     for i in range(cfg.num_layers):
-        first = f"model.layers.{i * _passes(cfg)}."
-        for j in range(1, _passes(cfg)):
-            other = f"model.layers.{i * _passes(cfg) + j}."
+        first = f"model.layers.{i * cfg.passes_per_block}."
+        for j in range(1, cfg.passes_per_block):
+            other = f"model.layers.{i * cfg.passes_per_block + j}."
             for key in [k[len(first):] for k in hf if k.startswith(first)]:
                 if not torch.equal(hf[first + key], hf[other + key]):
                     raise ValueError(f"layer-sharing config, but HF layers {first}{key} and {other}{key} differ")

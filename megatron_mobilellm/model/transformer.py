@@ -74,7 +74,7 @@ class TransformerDecoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon)
-        self.repeat = config.layer_repeat if config.layer_sharing else 1
+        self.repeat = config.passes_per_block
         self.activation_checkpointing = False
 
     def forward(self, h: torch.Tensor, rotary_pos_emb: tuple[torch.Tensor, torch.Tensor],
@@ -114,7 +114,8 @@ class MobileLLM(nn.Module):
 
     def compile(self, scope: str = "blocks", cuda_graphs: bool = False) -> None:
         """torch.compile: fuses norms, RoPE, SwiGLU and residual adds around the matmuls. ``blocks`` compiles each
-        block (compile time flat in depth; works with ZeRO-3's parameter hooks); ``decoder`` compiles the whole
+        block's ``forward`` (compile time flat in depth; the module's own ``__call__`` stays eager, so ZeRO-3's
+        gather/release hooks run around the compiled code instead of splitting it); ``decoder`` compiles the whole
         stack as one graph, which removes per-block launch overhead (thin models are CPU-bound) but compiles
         longer. ``cuda_graphs`` also records the compiled forward and backward as CUDA graphs (inductor's
         "reduce-overhead"), replacing thousands of kernel launches per step by one replay. The loss stays
@@ -124,7 +125,7 @@ class MobileLLM(nn.Module):
             self.decoder.compile(**options)
         elif scope == "blocks":
             for layer in self.decoder.layers:
-                layer.compile(**options)
+                layer.forward = torch.compile(layer.forward, **options)
         else:
             raise ValueError(f"unknown compile scope {scope!r}")
 

@@ -9,11 +9,23 @@ from __future__ import annotations
 import argparse
 
 from megatron_mobilellm.config import PRESETS, ModelConfig, get_config
+from megatron_mobilellm.errors import ConfigError
 from megatron_mobilellm.model.attention import BACKENDS
+from megatron_mobilellm.training.config import (OPTIMIZERS, EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig,
+                                                TrainingConfig)
 
 
-class ConfigError(ValueError):
-    """A command line or DeepSpeed config that cannot work; the message names the flag or file."""
+def add_engine_arguments(g: argparse._ArgumentGroup) -> None:
+    """The flags of ``EngineConfig`` (but the seed), shared with the benchmark so both accept the same choices."""
+    g.add_argument("--attention-backend", choices=BACKENDS, default=EngineConfig.attention_backend)
+    g.add_argument("--recompute-activations", "--activation-checkpointing", dest="recompute_activations",
+                   action="store_true", help="checkpoint every block (recompute its activations in backward)")
+    g.add_argument("--compile", nargs="?", const="blocks", default=None, choices=["blocks", "decoder"],
+                   help="torch.compile each block (default) or the whole decoder as one graph")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="with --compile on a GPU: replay the compiled forward/backward as CUDA graphs (not ZeRO-3)")
+    g.add_argument("--loss-chunk-size", type=int, default=EngineConfig.loss_chunk_size,
+                   help="tokens per chunk of the output/loss")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,14 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layer-sharing", action="store_true", help="MobileLLM-LS: run each block twice in a row")
     g.add_argument("--vocab-size", type=int, default=None, help="default: the preset's (32000 for real sizes)")
     g.add_argument("--untie-embeddings", action="store_true", help="separate output layer (MobileLLM ties them)")
-    g.add_argument("--attention-backend", choices=BACKENDS, default="auto")
-    g.add_argument("--recompute-activations", "--activation-checkpointing", dest="recompute_activations",
-                   action="store_true", help="checkpoint every block (recompute its activations in backward)")
-    g.add_argument("--compile", nargs="?", const="blocks", default=None, choices=["blocks", "decoder"],
-                   help="torch.compile each block (default) or the whole decoder as one graph")
-    g.add_argument("--cuda-graphs", action="store_true",
-                   help="with --compile on a GPU: replay the compiled forward/backward as CUDA graphs (not ZeRO-3)")
-    g.add_argument("--loss-chunk-size", type=int, default=4096, help="tokens per chunk of the output/loss")
+    add_engine_arguments(g)
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", required=True, help="[W1] PREFIX1 [W2 PREFIX2 ...]")
@@ -43,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, required=True)
     g.add_argument("--global-batch-size", type=int, required=True)
     g.add_argument("--train-iters", type=int, required=True)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=EngineConfig.seed)
     g.add_argument("--bf16", action="store_true", help="bf16 compute with fp32 master weights (default on GPU)")
     g.add_argument("--fp32", action="store_true", help="fp32 throughout (default on CPU)")
 
@@ -55,14 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
                    help="WSD: length of the final decay phase (default 20%% of --train-iters)")
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=OptimizerConfig.weight_decay)
     g.add_argument("--no-weight-decay-embedding", action="store_true",
                    help="exclude the (tied) embedding from weight decay (the seed decays it)")
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--adam-beta1", type=float, default=OptimizerConfig.adam_beta1)
+    g.add_argument("--adam-beta2", type=float, default=OptimizerConfig.adam_beta2)
+    g.add_argument("--adam-eps", type=float, default=OptimizerConfig.adam_eps)
     g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--optimizer", choices=["torch_adamw", "deepspeed_adam"], default="torch_adamw",
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=OptimizerConfig.optimizer,
                    help="torch AdamW (fused on GPU) or DeepSpeed's FusedAdam/CPUAdam")
 
     g = p.add_argument_group("checkpoints, evaluation and logging")
@@ -106,6 +111,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def model_config(args: argparse.Namespace) -> ModelConfig:
     return get_config(args.model_size, vocab_size=args.vocab_size, layer_sharing=args.layer_sharing,
                       tie_embeddings=not args.untie_embeddings)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(attention_backend=args.attention_backend, loss_chunk_size=args.loss_chunk_size,
+                        recompute_activations=args.recompute_activations, compile=args.compile,
+                        cuda_graphs=args.cuda_graphs, seed=args.seed)
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The typed configs of a validated command line, built once for the whole run."""
+    optimizer = OptimizerConfig(optimizer=args.optimizer, weight_decay=args.weight_decay,
+                                decay_embedding=not args.no_weight_decay_embedding, adam_beta1=args.adam_beta1,
+                                adam_beta2=args.adam_beta2, adam_eps=args.adam_eps)
+    schedule = ScheduleConfig(lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
+                              decay_iters=args.lr_decay_iters or args.train_iters, style=args.lr_decay_style,
+                              wsd_decay_iters=args.lr_wsd_decay_iters or max(1, args.train_iters // 5))
+    training = TrainingConfig(
+        train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
+        global_batch_size=args.global_batch_size, seq_length=args.seq_length, num_workers=args.num_workers,
+        log_interval=args.log_interval, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+        save=args.save, save_interval=args.save_interval, keep_last=args.keep_last, exit_interval=args.exit_interval,
+        exit_duration_in_mins=args.exit_duration_in_mins, max_skipped_steps=args.max_skipped_steps,
+        loss_spike_factor=args.loss_spike_factor,
+        inject_nan_loss_at=frozenset(int(i) for i in args.inject_nan_loss_at.split(",") if i),
+        peak_tflops=args.peak_tflops)
+    return RunConfig(model=model_config(args), engine=engine_config(args), optimizer=optimizer, schedule=schedule,
+                     training=training, cli_args=vars(args))
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -1,30 +1,15 @@
 """Checkpoints through the DeepSpeed engine, plus the state that makes a resume exact.
 
-Layout (DeepSpeed's, one tag per save)::
-
-    SAVE/latest                                   tag of the newest complete checkpoint (written last)
-    SAVE/iter_0000100/mp_rank_00_model_states.pt  module weights + client state (below)
-    SAVE/iter_0000100/*optim_states.pt            optimizer partitions (one per rank under ZeRO)
-    SAVE/iter_0000100/rng_state_rank{R}.pt        every rank's RNG states (ours)
-    SAVE/iter_0000100/model_config.json           the model config, readable without loading tensors (ours)
-    SAVE/iter_0000100/manifest.json               every file and its size, written after all ranks finished
-
-Client state: iteration, consumed samples, the model config and the full argument namespace. The LR scheduler is
-saved by DeepSpeed itself. Weights are loaded by DeepSpeed; our own small files are read with
-``torch.load(weights_only=True)``.
-
-An *imported* checkpoint (``tools/convert_hf_to_checkpoint.py``) is just ``model_config.json`` + ``model.safetensors``
-in our names: ``--load`` on it initialises the weights and starts at iteration 0 with a fresh optimizer, as does
-``--finetune`` on a training checkpoint.
+The files are described in ``checkpoint_layout.py``. Client state: iteration, consumed samples, the model config
+and the parsed command line. The LR scheduler is saved by DeepSpeed itself. Weights are loaded by DeepSpeed; our
+own small files are read with ``torch.load(weights_only=True)``. ``--load`` on an imported checkpoint initialises
+the weights and starts at iteration 0 with a fresh optimizer, as does ``--finetune`` on a training checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -36,24 +21,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_mobilellm.atomic import atomic_directory, atomic_file
+from megatron_mobilellm.atomic import atomic_directory
+from megatron_mobilellm.checkpoint_layout import (MODEL_CONFIG_FILE, is_imported, iteration_tags, latest_tag,
+                                                  read_checkpoint, read_imported_weights, read_manifest, tag_for,
+                                                  verify_manifest, write_latest, write_manifest)
 from megatron_mobilellm.config import ModelConfig
-from megatron_mobilellm.training.arguments import ConfigError
-
-
-MODEL_CONFIG_FILE = "model_config.json"
-IMPORTED_WEIGHTS = "model.safetensors"
-MANIFEST = "manifest.json"
+from megatron_mobilellm.errors import ConfigError
 
 
 @dataclass
 class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
-
-
-def tag_for(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 def rng_state() -> dict:
@@ -93,50 +72,17 @@ def _test_save_delay(iteration: int) -> None:
         time.sleep(float(spec.split(":")[1]))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    with atomic_file(path) as f:
-        f.write(text)
-
-
-def write_manifest(tag_dir: Path, iteration: int, world_size: int, zero_stage: int) -> None:
-    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
-    _write_atomic(tag_dir / MANIFEST, json.dumps({"iteration": iteration, "world_size": world_size,
-                                                  "zero_stage": zero_stage, "files": files}, indent=1))
-
-
-def verify_manifest(tag_dir: Path) -> str | None:
-    """None if the checkpoint at ``tag_dir`` is complete, else the reason it is not."""
-    try:
-        manifest = json.loads((tag_dir / MANIFEST).read_text())
-    except FileNotFoundError:
-        return "no manifest (the save did not complete)"
-    except json.JSONDecodeError:
-        return "unreadable manifest"
-    for name, size in manifest["files"].items():
-        path = tag_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
-    return None
-
-
-def _tags(save_dir: Path) -> list[str]:
-    return sorted((p.name for p in save_dir.glob("iter_*") if p.is_dir() and re.fullmatch(r"iter_\d+", p.name)),
-                  reverse=True)
-
-
 def _prune(save_dir: Path, keep_last: int | None) -> None:
-    complete = [t for t in _tags(save_dir) if verify_manifest(save_dir / t) is None]
+    complete = [t for t in iteration_tags(save_dir) if verify_manifest(save_dir / t) is None]
     for tag in complete[keep_last:] if keep_last else []:
         shutil.rmtree(save_dir / tag, ignore_errors=True)
         shutil.rmtree(save_dir / f"{tag}_universal", ignore_errors=True)
 
 
-def save_checkpoint(engine, save_dir: str, state: TrainState, cfg: ModelConfig, args: argparse.Namespace) -> str:
+def save_checkpoint(engine, save_dir: str, state: TrainState, cfg: ModelConfig, cli_args: dict,
+                    keep_last: int | None) -> str:
     """Save, then commit: ``manifest.json`` and ``latest`` are written by rank 0 only after every rank finished, so
-    an interrupted save is never what ``--load`` picks. ``--keep-last N`` prunes older complete checkpoints."""
+    an interrupted save is never what ``--load`` picks. ``keep_last`` prunes older complete checkpoints."""
     tag = tag_for(state.iteration)
     rank = dist.get_rank()
     tag_dir = Path(save_dir) / tag
@@ -147,7 +93,7 @@ def save_checkpoint(engine, save_dir: str, state: TrainState, cfg: ModelConfig, 
     torch.save(_to_weights_only(rng_state()), tag_dir / f"rng_state_rank{rank}.pt")
     if rank == 0:
         cfg.save(tag_dir / MODEL_CONFIG_FILE)
-    client = {"train_state": asdict(state), "model_config": cfg.to_dict(), "args": vars(args),
+    client = {"train_state": asdict(state), "model_config": cfg.to_dict(), "args": cli_args,
               # lets deepspeed.checkpoint.ds_to_universal reshape it for another data-parallel size
               "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
     engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
@@ -155,14 +101,10 @@ def save_checkpoint(engine, save_dir: str, state: TrainState, cfg: ModelConfig, 
     dist.barrier()
     if rank == 0:
         write_manifest(tag_dir, state.iteration, dist.get_world_size(), engine.zero_optimization_stage())
-        _write_atomic(Path(save_dir) / "latest", tag)
-        _prune(Path(save_dir), getattr(args, "keep_last", None))
+        write_latest(save_dir, tag)
+        _prune(Path(save_dir), keep_last)
     dist.barrier()
     return str(tag_dir)
-
-
-def has_checkpoint(load_dir: str) -> bool:
-    return (Path(load_dir) / "latest").is_file()
 
 
 @dataclass
@@ -182,12 +124,12 @@ def plan_resume(load_dir: str, world_size: int, log=print) -> ResumePlan | None:
     d = Path(load_dir)
     if not d.is_dir():
         return None
-    latest = (d / "latest").read_text().strip() if (d / "latest").is_file() else None
-    candidates = ([latest] if latest else []) + [t for t in _tags(d) if t != latest]
+    latest = latest_tag(d)
+    candidates = ([latest] if latest else []) + [t for t in iteration_tags(d) if t != latest]
     for tag in candidates:
         reason = verify_manifest(d / tag)
         if reason is None:
-            manifest = json.loads((d / tag / MANIFEST).read_text())
+            manifest = read_manifest(d / tag)
             universal = manifest["world_size"] != world_size and manifest["zero_stage"] > 0
             return ResumePlan(tag, manifest, universal)
         log(f"warning: skipping checkpoint {d / tag}: {reason}; falling back to an older one")
@@ -223,35 +165,17 @@ def load_checkpoint(engine, load_dir: str, cfg: ModelConfig, plan: ResumePlan) -
     return TrainState(**client["train_state"])
 
 
-def write_imported_weights(output: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
-    """An imported checkpoint directory, written atomically."""
-    from safetensors.torch import save_file
-
-    output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise ValueError(f"--output {output} exists and is not empty")
-    with atomic_directory(output) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / IMPORTED_WEIGHTS))
-        cfg.save(tmp / MODEL_CONFIG_FILE)
-
-
 def initial_weights(load_dir: str, cfg: ModelConfig, finetune: bool) -> dict[str, torch.Tensor] | None:
     """Weights to start from instead of a full resume: an imported checkpoint, or ``--finetune`` of a training
     checkpoint (consolidated on CPU). None when ``--load`` means a full resume or a fresh start."""
-    d = Path(load_dir)
-    if (d / IMPORTED_WEIGHTS).is_file() and not has_checkpoint(load_dir):
-        from safetensors.torch import load_file
-
-        saved = ModelConfig.load(d / MODEL_CONFIG_FILE)
+    if is_imported(load_dir):
+        saved, weights = read_imported_weights(load_dir)
         if saved != cfg:
             raise ConfigError(f"--load {load_dir}: imported model config {saved} differs from this run's {cfg}")
-        return load_file(str(d / IMPORTED_WEIGHTS))
+        return weights
     if finetune:
-        from megatron_mobilellm.convert.ds_checkpoint import consolidate, read_model_config, resolve_tag
-
-        tag = resolve_tag(load_dir)
-        saved = read_model_config(load_dir, tag)
+        _, saved, weights = read_checkpoint(load_dir)
         if saved != cfg:
             raise ConfigError(f"--load {load_dir}: checkpoint model config {saved} differs from this run's {cfg}")
-        return consolidate(load_dir, tag)
+        return weights
     return None

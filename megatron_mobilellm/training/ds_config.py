@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_mobilellm.training.arguments import ConfigError
+from megatron_mobilellm.errors import ConfigError
 
 
 def _load(path: str) -> dict:

@@ -6,8 +6,11 @@ Handed to DeepSpeed, which steps it after every optimizer step and saves/restore
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
+
+from megatron_mobilellm.training.config import ScheduleConfig
 
 
 def lr_at(iteration: int, *, lr: float, min_lr: float, warmup_iters: int, decay_iters: int, style: str,
@@ -36,8 +39,8 @@ def lr_at(iteration: int, *, lr: float, min_lr: float, warmup_iters: int, decay_
 class LRScheduler:
     """Sets every param group's lr from ``lr_at``; its state is the number of completed updates."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, **schedule):
-        self.optimizer, self.schedule = optimizer, schedule
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: ScheduleConfig):
+        self.optimizer, self.schedule = optimizer, asdict(schedule)
         self.iteration = 0
         self.hold_next_step = False  # set when an update was discarded behind DeepSpeed's back
         self._apply()

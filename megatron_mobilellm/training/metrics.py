@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 import resource
 import sys
+import time
 
 import torch
+import torch.distributed as dist
 
 from megatron_mobilellm.config import ModelConfig
 
@@ -23,14 +25,18 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    per_layer = cfg.hidden_size * (cfg.query_projection_size + 2 * cfg.kv_projection_size)  # linear_qkv
-    per_layer += cfg.query_projection_size * cfg.hidden_size  # linear_proj
-    per_layer += 3 * cfg.hidden_size * cfg.ffn_hidden_size  # fc1 (gate + up) and fc2
-    return cfg.num_passes * per_layer + cfg.vocab_size * cfg.hidden_size
+    return cfg.num_passes * cfg.layer_matmul_parameters + cfg.vocab_size * cfg.hidden_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_passes * cfg.hidden_size * seq_length
+
+
+def achieved_tflops(tokens_per_sec_per_gpu: float, flops_per_token: float,
+                    peak_tflops: float | None) -> tuple[float, float | None]:
+    """TFLOP/s per GPU of a token rate, and the MFU it means (None without a known peak)."""
+    tflops = tokens_per_sec_per_gpu * flops_per_token / 1e12
+    return tflops, (tflops / peak_tflops if peak_tflops else None)
 
 
 def detect_peak_tflops(device: torch.device) -> float | None:
@@ -46,6 +52,29 @@ def max_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib * (1 if sys.platform != "darwin" else 1 / 1024) / 2**20
+
+
+class Throughput:
+    """Tokens/s, TFLOP/s per GPU and MFU over the iterations since the last ``measure``."""
+
+    def __init__(self, tokens_per_iter: int, flops_per_token: float, peak_tflops: float | None,
+                 device: torch.device):
+        self.tokens_per_iter, self.flops_per_token = tokens_per_iter, flops_per_token
+        self.peak = peak_tflops or detect_peak_tflops(device)
+        self.device = device
+        self.start, self.iters = time.perf_counter(), 0
+
+    def measure(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - self.start
+        world = dist.get_world_size()
+        tokens_per_sec = self.tokens_per_iter * self.iters / elapsed
+        tflops, mfu = achieved_tflops(tokens_per_sec / world, self.flops_per_token, self.peak)
+        out = {"ms_per_iter": 1000 * elapsed / max(self.iters, 1), "tokens_per_sec": tokens_per_sec,
+               "tokens_per_sec_per_gpu": tokens_per_sec / world, "tflops_per_gpu": tflops, "mfu": mfu or 0.0}
+        self.start, self.iters = time.perf_counter(), 0
+        return out
 
 
 class MetricsWriter:

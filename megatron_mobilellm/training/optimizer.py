@@ -3,9 +3,9 @@ decayed unless ``--no-weight-decay-embedding``."""
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+
+from megatron_mobilellm.training.config import OptimizerConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embedding: bool) -> list[dict]:
@@ -18,12 +18,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_embedding: b
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device,
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, lr: float, device: torch.device,
                     offload: bool = False) -> torch.optim.Optimizer:
-    """``offload``: the optimizer runs on the CPU (ZeRO-Offload), where DeepSpeed's vectorised CPUAdam is used."""
-    groups = param_groups(model, args.weight_decay, not args.no_weight_decay_embedding)
-    hyper = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
-    if args.optimizer == "deepspeed_adam" or offload:
+    """``lr``: the starting value (the schedule sets it before every step). ``offload``: the optimizer runs on the
+    CPU (ZeRO-Offload), where DeepSpeed's vectorised CPUAdam is used."""
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embedding)
+    hyper = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if cfg.optimizer == "deepspeed_adam" or offload:
         if device.type == "cuda" and not offload:
             from deepspeed.ops.adam import FusedAdam
 
