@@ -14,9 +14,8 @@ in our names. Training (``training/checkpointing.py``) writes and resumes; the c
 this module, which sits below both.
 
 Consolidation uses DeepSpeed's own ``zero_to_fp32`` (ZeRO 1–3, any data-parallel size, on CPU). Without ZeRO
-partitions (stage 0) the weights are the module's own, read with ``torch.load(weights_only=True)``.
-``zero_to_fp32`` unpickles DeepSpeed's optimizer files, so only read checkpoints you trust (as with any pickle-based
-format).
+partitions (stage 0) the weights are the module's own. Every file, DeepSpeed's reads included, is loaded through
+``safe_load`` (no arbitrary objects are unpickled).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import torch
 from megatron_mobilellm.atomic import atomic_directory, atomic_file
 from megatron_mobilellm.config import ModelConfig
 from megatron_mobilellm.errors import CheckpointError
+from megatron_mobilellm.safe_load import load, weights_only_loads
 
 LATEST = "latest"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -136,7 +136,9 @@ def read_model_config(checkpoint_dir: str | Path, tag: str) -> ModelConfig:
 
 def _load_model_states(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load(path)
+    except CheckpointError:
+        raise
     except Exception as e:  # a truncated or foreign file: say which one
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
@@ -150,8 +152,10 @@ def consolidate(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file
+        with contextlib.redirect_stdout(io.StringIO()), weights_only_loads():  # it prints a line per file
             state = get_fp32_state_dict_from_zero_checkpoint(str(d), tag=tag)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{d / tag}: DeepSpeed could not consolidate the checkpoint "
                               f"({type(e).__name__}: {e}); is a shard truncated or missing?") from None

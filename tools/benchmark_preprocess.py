@@ -71,8 +71,8 @@ def main() -> None:
                                                      workers=workers, progress=False)
         results.update(best_mb_s(runs, size, args.repeats))
         assert (tmp / "naive.bin").read_bytes() == (tmp / "w1.bin").read_bytes() == (tmp / "w2.bin").read_bytes()
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 2000, size=args.documents).astype(np.int32)
+    rng = np.random.RandomState(0)  # Megatron's generator, as the trainer's index build uses
+    lengths = rng.randint(1, 2000, size=args.documents).astype(np.int32)
     t = time.perf_counter()
     doc_index = build_document_index(np.arange(args.documents), 1, rng)
     num_samples = (int(lengths.sum()) - 1) // 2048

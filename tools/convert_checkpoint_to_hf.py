@@ -30,14 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=FORMATS, default="llama",
                    help="llama: plain Llama (LS blocks unrolled); mobilellm: compact MobileLLM-style config")
     p.add_argument("--max-shard-size-gb", type=float, default=2.0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --output (nothing else)")
     p.add_argument("--verify", action="store_true", help="compare logits of the export with our model")
     p.add_argument("--tolerance", type=float, default=1e-4, help="--verify: max |Δlogits| allowed")
     args = p.parse_args(argv)
     try:
         tag, cfg, state = read_checkpoint(args.checkpoint, args.tag, args.iteration)
         out = write_hf(state, cfg, args.output, args.dtype, args.format, args.tokenizer_model, args.overwrite,
-                       int(args.max_shard_size_gb * (1 << 30)))
+                       int(args.max_shard_size_gb * (1 << 30)), source=args.checkpoint)
     except (CheckpointError, ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

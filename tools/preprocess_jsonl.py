@@ -30,7 +30,7 @@ def bounded(kind: type, low: float, high: float) -> Callable[[str], float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
         if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"{text} is outside [{low:g}, {high:g}]")
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low}, {high}]")
         return value
     return parse
 

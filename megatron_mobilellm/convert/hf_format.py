@@ -10,12 +10,14 @@ appears atomically: it is written under a temporary name and renamed when comple
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_mobilellm import safe_load
 from megatron_mobilellm.atomic import atomic_directory
 from megatron_mobilellm.config import ModelConfig
 from megatron_mobilellm.model.hf_adapter import from_hf, hf_config_dict, to_hf
@@ -27,6 +29,35 @@ FORMATS = ("llama", "mobilellm")
 
 class ExportError(ValueError):
     """An output or input Hugging Face directory that cannot be written or read as asked."""
+
+
+# Every name write_hf creates: --overwrite may replace a folder that holds nothing else.
+_EXPORT_FILE = re.compile(r"config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors"
+                          r"|model\.safetensors\.index\.json|tokenizer\.model|tokenizer_config\.json"
+                          r"|special_tokens_map\.json")
+
+
+def check_output(output: Path, source: Path | None, overwrite: bool) -> None:
+    """Refuse an ``--output`` whose replacement would delete what this tool did not write: the checkpoint being
+    read (or a folder holding or inside it), or any folder with more than an earlier export in it."""
+    out = output.resolve()
+    if source is not None:
+        src = source.resolve()
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            raise ExportError(f"--output {output} is, holds or lies inside the checkpoint {source}; "
+                              "write the export elsewhere")
+    if output.is_file() or output.is_symlink():
+        raise ExportError(f"--output {output} is a file, not a folder; write the export elsewhere")
+    if not output.exists() or not any(output.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"--output {output} exists and is not empty (pass --overwrite to replace an earlier export)")
+    foreign = sorted(p.name for p in output.iterdir() if not (p.is_file() and _EXPORT_FILE.fullmatch(p.name)))
+    if not (output / "config.json").is_file():
+        foreign.insert(0, "no config.json")
+    if foreign:
+        raise ExportError(f"--output {output} holds more than an earlier export ({', '.join(foreign[:5])}); "
+                          "--overwrite only replaces an export, so write elsewhere")
 
 
 def hf_config(cfg: ModelConfig, fmt: str, dtype: torch.dtype, bos_id: int, eos_id: int) -> dict:
@@ -89,13 +120,13 @@ def _write_tokenizer(out: Path, tokenizer_model: str) -> tuple[int, int]:
 
 def write_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str | Path, dtype: str = "bf16",
              fmt: str = "llama", tokenizer_model: str | None = None, overwrite: bool = False,
-             max_shard_bytes: int = 2 << 30) -> Path:
-    """Write the export; nothing appears at ``output`` unless every file was written."""
+             max_shard_bytes: int = 2 << 30, source: str | Path | None = None) -> Path:
+    """Write the export; nothing appears at ``output`` unless every file was written, and nothing is replaced but
+    an earlier export (``source``, the checkpoint read, is never touched)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {FORMATS}")
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f"--output {output} exists and is not empty (pass --overwrite to replace it)")
+    check_output(output, Path(source) if source is not None else None, overwrite)
     torch_dtype = DTYPES[dtype]
     with atomic_directory(output) as tmp:
         bos, eos = _write_tokenizer(tmp, tokenizer_model) if tokenizer_model else (1, 2)
@@ -118,7 +149,7 @@ def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         raise ExportError(f"--hf {hf_dir}: no *.safetensors or pytorch_model*.bin weights")
     tensors = {}
     for f in files:
-        tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+        tensors.update(safe_load.load(f))
     return tensors
 
 

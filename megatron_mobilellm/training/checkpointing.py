@@ -1,8 +1,8 @@
 """Checkpoints through the DeepSpeed engine, plus the state that makes a resume exact.
 
 The files are described in ``checkpoint_layout.py``. Client state: iteration, consumed samples, the model config
-and the parsed command line. The LR scheduler is saved by DeepSpeed itself. Weights are loaded by DeepSpeed; our
-own small files are read with ``torch.load(weights_only=True)``. ``--load`` on an imported checkpoint initialises
+and the parsed command line. The LR scheduler is saved by DeepSpeed itself. Weights are loaded by DeepSpeed; every
+file, DeepSpeed's reads included, goes through ``safe_load`` (no arbitrary objects are unpickled). ``--load`` on an imported checkpoint initialises
 the weights and starts at iteration 0 with a fresh optimizer, as does ``--finetune`` on a training checkpoint.
 """
 
@@ -27,6 +27,7 @@ from megatron_mobilellm.checkpoint_layout import (MODEL_CONFIG_FILE, is_imported
                                                   verify_manifest, write_latest, write_manifest)
 from megatron_mobilellm.config import ModelConfig
 from megatron_mobilellm.errors import ConfigError
+from megatron_mobilellm.safe_load import load, weights_only_loads
 
 
 @dataclass
@@ -141,7 +142,7 @@ def prepare_universal(load_dir: str, plan: ResumePlan) -> None:
     src, dst = Path(load_dir) / plan.tag, Path(load_dir) / plan.load_tag
     if dist.get_rank() == 0 and not (dst / "zero").is_dir():
         with atomic_directory(dst) as tmp:
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+            cmd = [sys.executable, "-m", "megatron_mobilellm.safe_load", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
                    "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
@@ -153,7 +154,8 @@ def prepare_universal(load_dir: str, plan: ResumePlan) -> None:
 
 
 def load_checkpoint(engine, load_dir: str, cfg: ModelConfig, plan: ResumePlan) -> TrainState:
-    path, client = engine.load_checkpoint(load_dir, tag=plan.load_tag)
+    with weights_only_loads():
+        path, client = engine.load_checkpoint(load_dir, tag=plan.load_tag)
     if path is None:
         raise ConfigError(f"--load {load_dir}: DeepSpeed could not load checkpoint {plan.load_tag}")
     saved_cfg = ModelConfig.from_dict(client["model_config"])
@@ -161,7 +163,7 @@ def load_checkpoint(engine, load_dir: str, cfg: ModelConfig, plan: ResumePlan) -
         raise ConfigError(f"--load {load_dir}: checkpoint model config {saved_cfg} differs from this run's {cfg}")
     rng_file = Path(load_dir) / plan.load_tag / f"rng_state_rank{dist.get_rank()}.pt"
     if rng_file.is_file():  # absent for ranks that did not exist in the saving run
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(load(rng_file))
     return TrainState(**client["train_state"])
 
 
