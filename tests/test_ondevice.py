@@ -223,6 +223,7 @@ def test_bad_input_one_line_exit_1_nothing_written(tmp_path, tokenizer, capsys):
         "format 'onnx' is not supported": ["--hf", hf, "--format", "onnx", "--output", out],
         "--checkpoint needs --tokenizer-model": ["--checkpoint", tmp_path, "--output", out],
         "exists; pass --overwrite": ["--hf", hf, "--output", tmp_path / "exists.gguf"],
+        "is not a GGUF file; refusing": ["--hf", hf, "--output", tmp_path / "exists.gguf", "--overwrite"],
         "the model's vocabulary is 100": ["--hf", hf, "--output", out],
     }
     res = tool(*cases["is not a MobileLLM or Llama model"], check=False)  # the real process: exit status 1

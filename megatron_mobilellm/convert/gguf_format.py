@@ -189,6 +189,13 @@ def check_output(output: str | Path, outtype: str, overwrite: bool) -> None:
         raise ExportError(f"{output} is a directory; give a file name (--output)")
     if output.exists() and not overwrite:
         raise ExportError(f"{output} exists; pass --overwrite to replace it (--output)")
+    if output.exists() and not _is_gguf(output):  # --overwrite replaces an earlier export, nothing else
+        raise ExportError(f"{output} is not a GGUF file; refusing to replace it (--output)")
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def write_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, vocab: Vocabulary, output: str | Path,
