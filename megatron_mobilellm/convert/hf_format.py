@@ -176,6 +176,20 @@ def config_from_hf(hf_cfg: dict, layer_sharing: bool = False) -> ModelConfig:
         layer_sharing=layer_sharing or fmt_ls)
 
 
+def check_representable(hf_cfg: dict, where: Path) -> None:
+    """Refuse an HF config whose function a MobileLLM cannot compute, naming the field."""
+    kind = hf_cfg.get("model_type")
+    if kind not in ("llama", "mobilellm"):
+        raise ExportError(f"model_type {kind!r} is not a MobileLLM or Llama model ({where})")
+    rope_type = (hf_cfg.get("rope_scaling") or hf_cfg.get("rope_parameters") or {}).get("rope_type", "default")
+    found = {"hidden_act": hf_cfg.get("hidden_act", "silu"), "attention_bias": hf_cfg.get("attention_bias", False),
+             "mlp_bias": hf_cfg.get("mlp_bias", False), "rope_type": rope_type}
+    wanted = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_type": "default"}
+    for field, value in found.items():
+        if value != wanted[field]:
+            raise ExportError(f"{field} = {value!r} cannot be represented by a MobileLLM ({where})")
+
+
 def read_hf(hf_dir: str | Path, layer_sharing: bool = False) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Our state dict and config from an HF directory (Llama, or MobileLLM format incl. released ``.bin`` files
     without ``lm_head``)."""
@@ -185,6 +199,7 @@ def read_hf(hf_dir: str | Path, layer_sharing: bool = False) -> tuple[dict[str, 
     config_file = hf_dir / "config.json"
     try:
         hf_cfg = json.loads(config_file.read_text())
+        check_representable(hf_cfg, config_file)
         cfg = config_from_hf(hf_cfg, layer_sharing)
     except json.JSONDecodeError as e:
         raise ExportError(f"config.json is not valid JSON: {e} ({config_file})") from None
