@@ -42,7 +42,7 @@ from tqdm import tqdm
 from megatron_mobilellm.atomic import atomic_file
 from megatron_mobilellm.benchmark_baselines import BASELINES, BaselineUnavailable, transformers_step
 from megatron_mobilellm.config import PRESETS, ModelConfig, get_config
-from megatron_mobilellm.errors import ConfigError
+from megatron_mobilellm.errors import ArgumentParser, ConfigError
 from megatron_mobilellm.training.arguments import add_engine_arguments, engine_config
 from megatron_mobilellm.training.config import OPTIMIZERS, EngineConfig, OptimizerConfig, ScheduleConfig
 from megatron_mobilellm.training.distributed import init_distributed
@@ -266,7 +266,7 @@ def in_process(opts: argparse.Namespace) -> tuple[list[dict], dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["125M"], choices=list(PRESETS))
     p.add_argument("--micro-batch-sizes", nargs="+", type=int, default=[16])
     p.add_argument("--seq-length", type=int, default=2048)

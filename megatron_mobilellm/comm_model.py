@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from megatron_mobilellm.config import PRESETS, get_config
 from megatron_mobilellm.training.metrics import flops_per_token
+from megatron_mobilellm.errors import ArgumentParser
 
 PASSES = {1: 2, 2: 2, 3: 3}
 """Full passes of 2Ψ bytes through a reduce-scatter or all-gather per step, by ZeRO stage."""
@@ -117,7 +118,7 @@ def _key_values(items: list[str], cast) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["125M", "350M", "600M", "1B", "1.5B"], choices=list(PRESETS))
     p.add_argument("--nodes", nargs="+", type=int, default=[4, 32])
     p.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3], choices=sorted(PASSES))

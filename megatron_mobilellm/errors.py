@@ -3,15 +3,18 @@
 They live here, below everything else, so that checkpoint or data code can raise them without importing the
 command-line module (or the model) that used to define them. ``cli_main`` turns any of them into one line,
 ``error: <what> (<path or flag>)``, and exit status 1: a traceback would bury the one thing the user must change.
-``MOBILELLM_DEBUG=1`` lets the exception through to show where it came from.
+``MOBILELLM_DEBUG=1`` lets the exception through to show where it came from. ``ArgumentParser`` reports a bad
+command line the same way.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
+import re
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 DEBUG_ENV = "MOBILELLM_DEBUG"
 
@@ -61,3 +64,14 @@ def cli_main(main: Callable[..., int | None]) -> Callable[..., int]:
             raise SystemExit(1) from None
 
     return run
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are the same one line and exit 1 as every other bad input (``--help`` still shows the
+    usage), instead of the usage block and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        flag = re.match(r"argument ([^:]+): (.*)", message, re.S)
+        line = f"{flag.group(2)} ({flag.group(1)})" if flag else message
+        print(f"error: {line}; see --help", file=sys.stderr, flush=True)
+        raise SystemExit(1)

@@ -147,3 +147,26 @@ def test_zero0_fp32_logs_the_true_global_grad_norm(corpus, tmp_path):
                                **{"--eval-iters": 0, "--clip-grad": 0.05, "--tensorboard-dir": tb}))
         norms[zero] = read_scalars(tb)["train/grad_norm"][1]
     assert norms[0] > 0.05 and norms[0] == pytest.approx(norms[2], rel=1e-4), norms
+
+
+@pytest.mark.parametrize("tool, args, line", [
+    ("preprocess_jsonl.py", ["--input", "x"], "error: the following arguments are required: --output-prefix; "
+                                              "see --help"),
+    ("convert_checkpoint_to_hf.py", ["--checkpoint", "c", "--output", "o", "--dtype", "fp8"],
+     "error: invalid choice: 'fp8' (choose from 'bf16', 'fp16', 'fp32') (--dtype); see --help"),
+    ("generate.py", ["--hf", "h", "--max-new-tokens", "many"], "error: invalid int value: 'many' (--max-new-tokens); "
+                                                             "see --help"),
+    ("evaluate.py", ["--hf", "h", "--bogus"], "error: unrecognized arguments: --bogus; see --help"),
+    ("export_ondevice.py", ["--hf"], "error: expected one argument (--hf); see --help"),
+])
+def test_a_bad_command_line_is_one_line_and_exit_1(capsys, tool, args, line):
+    assert one_line_error(capsys, tool, *args) == line
+
+
+def test_pretrain_command_line_is_one_line_and_exit_1(capsys):
+    from megatron_mobilellm import pretrain
+
+    with pytest.raises(SystemExit) as exc:
+        pretrain.main(["--model-size", "huge"])
+    assert exc.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: invalid choice: 'huge' (choose from")

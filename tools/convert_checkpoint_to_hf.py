@@ -16,12 +16,12 @@ from pathlib import Path
 
 from megatron_mobilellm.checkpoint_layout import read_checkpoint
 from megatron_mobilellm.convert.hf_format import DTYPES, FORMATS, ExportError, write_hf
-from megatron_mobilellm.errors import cli_main
+from megatron_mobilellm.errors import ArgumentParser, cli_main
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the --save directory of a training run")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--iteration", type=int, default=None, help="export iter_N instead of latest")

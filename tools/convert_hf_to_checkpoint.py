@@ -15,12 +15,12 @@ import sys
 
 from megatron_mobilellm.checkpoint_layout import write_imported_weights
 from megatron_mobilellm.convert.hf_format import read_hf
-from megatron_mobilellm.errors import cli_main
+from megatron_mobilellm.errors import ArgumentParser, cli_main
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True, help="Hugging Face model directory")
     p.add_argument("--output", required=True, help="directory to pass to pretrain --load")
     p.add_argument("--layer-sharing", action="store_true", help="the Llama export came from an LS model")

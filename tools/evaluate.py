@@ -19,13 +19,13 @@ import tempfile
 from pathlib import Path
 
 from megatron_mobilellm.atomic import atomic_file
-from megatron_mobilellm.errors import EvaluationError
+from megatron_mobilellm.errors import ArgumentParser, EvaluationError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from megatron_mobilellm.evaluation.zero_shot import DEFAULT_TASKS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--hf", help="Hugging Face export (Llama or MobileLLM format) with its tokenizer")
     model.add_argument("--checkpoint", help="a training run's --save directory, exported (latest) to a temp dir")

@@ -20,6 +20,7 @@ from pathlib import Path
 from megatron_mobilellm.checkpoint_layout import read_checkpoint
 from megatron_mobilellm.convert.gguf_format import OUTTYPES, check_output, read_vocabulary, write_gguf
 from megatron_mobilellm.convert.hf_format import ExportError, read_hf
+from megatron_mobilellm.errors import ArgumentParser
 
 FORMATS = ("gguf",)
 TOLERANCES = {"f32": 1e-2, "f16": 3e-2, "q8_0": 0.5}
@@ -42,7 +43,7 @@ def _load(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="the --save directory of a training run")
     src.add_argument("--hf", help="a Hugging Face export (Llama or MobileLLM format)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from megatron_mobilellm.checkpoint_layout import read_checkpoint
-from megatron_mobilellm.errors import ConfigError, cli_main
+from megatron_mobilellm.errors import ArgumentParser, ConfigError, cli_main
 from megatron_mobilellm.generation import generate
 from megatron_mobilellm.model import MobileLLM
 
@@ -90,7 +90,7 @@ def generate_checkpoint(args: argparse.Namespace) -> tuple[list[int], str | None
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a training --save directory (latest tag)")
     src.add_argument("--hf", help="a Hugging Face export (a local folder)")

@@ -11,10 +11,11 @@ import signal
 import sys
 
 from megatron_mobilellm.data.indexed_dataset import DatasetFormatError, DatasetWriteError, merge_datasets
+from megatron_mobilellm.errors import ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in output order")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_mobilellm.errors import ArgumentParser
+
 COMPILE_SCOPES = ("blocks", "decoder")  # the benchmark's --compile choices, which lead its row names
 
 
@@ -49,7 +51,7 @@ def table(rows: list[dict], reference: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", nargs="+", help="benchmark JSON files")
     p.add_argument("--reference", default="zero2", help="the config name other stages are compared with")
     opts = p.parse_args(argv)

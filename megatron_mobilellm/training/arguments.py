@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_mobilellm.config import PRESETS, ModelConfig, get_config
-from megatron_mobilellm.errors import ConfigError
+from megatron_mobilellm.errors import ArgumentParser, ConfigError
 from megatron_mobilellm.model.attention import BACKENDS
 from megatron_mobilellm.training.config import (OPTIMIZERS, EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig,
                                                 TrainingConfig)
@@ -29,7 +29,7 @@ def add_engine_arguments(g: argparse._ArgumentGroup) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Pretrain a MobileLLM under DeepSpeed.", allow_abbrev=False)
+    p = ArgumentParser(description="Pretrain a MobileLLM under DeepSpeed.", allow_abbrev=False)
     g = p.add_argument_group("model")
     g.add_argument("--model-size", choices=list(PRESETS), default="125M")
     g.add_argument("--layer-sharing", action="store_true", help="MobileLLM-LS: run each block twice in a row")
