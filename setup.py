@@ -22,6 +22,9 @@ setup(
     extras_require={
         "dev": ["pytest", "transformers", "megatron-core==0.16.1", "triton", "matplotlib"],
         "flash": ["flash-attn"],
+        # lm-eval's HF backend (accelerate, peft, transformers); protobuf reads the export's SentencePiece tokenizer.
+        "eval": ["lm-eval[hf]==0.4.13", "protobuf"],
         "zstd": ["zstandard"],  # .jsonl.zst input to tools/preprocess_jsonl.py
+        "ondevice": ["gguf==0.19.0", "protobuf", "llama-cpp-python"],  # tools/export_ondevice.py
     },
 )

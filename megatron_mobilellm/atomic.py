@@ -67,6 +67,22 @@ def atomic_files(paths: list[str | Path], mode: str = "wb") -> Iterator[list[IO]
         raise
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file name that becomes ``path`` (flushed to disk) when the block completes — for writers that
+    open the file themselves (the gguf library, llama.cpp's quantizer)."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_error_message(err: OSError, path: str | Path) -> str:
     """``err`` as one line for the user: what went wrong, what to do, and the final path (never the temporary)."""
     hint = {errno.ENOSPC: "no space left on device; free some space or write elsewhere",

@@ -14,9 +14,8 @@ in our names. Training (``training/checkpointing.py``) writes and resumes; the c
 this module, which sits below both.
 
 Consolidation uses DeepSpeed's own ``zero_to_fp32`` (ZeRO 1–3, any data-parallel size, on CPU). Without ZeRO
-partitions (stage 0) the weights are the module's own, read with ``torch.load(weights_only=True)``.
-``zero_to_fp32`` unpickles DeepSpeed's optimizer files, so only read checkpoints you trust (as with any pickle-based
-format).
+partitions (stage 0) the weights are the module's own. Every file, DeepSpeed's reads included, is loaded through
+``safe_load`` (no arbitrary objects are unpickled).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import torch
 from megatron_mobilellm.atomic import atomic_directory, atomic_file
 from megatron_mobilellm.config import ModelConfig
 from megatron_mobilellm.errors import CheckpointError
+from megatron_mobilellm.safe_load import load, weights_only_loads
 
 LATEST = "latest"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -60,8 +60,18 @@ def has_checkpoint(checkpoint_dir: str | Path) -> bool:
 
 
 def latest_tag(checkpoint_dir: str | Path) -> str | None:
-    """The tag ``latest`` names, or None without one."""
-    return (Path(checkpoint_dir) / LATEST).read_text().strip() if has_checkpoint(checkpoint_dir) else None
+    """The tag ``latest`` names, or None without one; a ``latest`` that names no tag (binary, damaged) is an
+    error naming it."""
+    if not has_checkpoint(checkpoint_dir):
+        return None
+    path = Path(checkpoint_dir) / LATEST
+    try:
+        tag = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        tag = ""
+    if not re.fullmatch(r"[\w.-]+", tag):
+        raise CheckpointError(f"'{LATEST}' does not name a checkpoint tag (a damaged or foreign file) ({path})")
+    return tag
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -82,8 +92,12 @@ def write_manifest(tag_dir: Path, iteration: int, world_size: int, zero_stage: i
 
 
 def read_manifest(tag_dir: Path) -> dict:
-    """Iteration, world size, ZeRO stage and file sizes of a committed save."""
-    return json.loads((tag_dir / MANIFEST).read_text())
+    """Iteration, world size, ZeRO stage and file sizes of a committed save (ValueError if it has not that shape)."""
+    manifest = json.loads((tag_dir / MANIFEST).read_text())
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+            and all(isinstance(manifest.get(k), int) for k in ("iteration", "world_size", "zero_stage"))):
+        raise ValueError(f"{tag_dir / MANIFEST} is not a manifest")
+    return manifest
 
 
 def verify_manifest(tag_dir: Path) -> str | None:
@@ -92,7 +106,7 @@ def verify_manifest(tag_dir: Path) -> str | None:
         manifest = read_manifest(tag_dir)
     except FileNotFoundError:
         return "no manifest (the save did not complete)"
-    except json.JSONDecodeError:
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         return "unreadable manifest"
     for name, size in manifest["files"].items():
         path = tag_dir / name
@@ -141,7 +155,9 @@ def read_model_config(checkpoint_dir: str | Path, tag: str) -> ModelConfig:
 
 def _load_model_states(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load(path)
+    except CheckpointError:
+        raise
     except Exception as e:  # a truncated or foreign file: say which one
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
@@ -167,8 +183,10 @@ def consolidate(checkpoint_dir: str | Path, tag: str, use_module_weights: bool =
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file
+        with contextlib.redirect_stdout(io.StringIO()), weights_only_loads():  # it prints a line per file
             state = get_fp32_state_dict_from_zero_checkpoint(str(d), tag=tag)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{d / tag}: DeepSpeed could not consolidate the checkpoint "
                               f"({type(e).__name__}: {e}); is a shard truncated or missing?") from None
@@ -197,7 +215,7 @@ def write_imported_weights(output: str | Path, state: dict[str, torch.Tensor], c
 
     output = Path(output)
     if output.exists() and any(output.iterdir()):
-        raise ValueError(f"--output {output} exists and is not empty")
+        raise CheckpointError(f"the output folder exists and is not empty (--output {output})")
     with atomic_directory(output) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / IMPORTED_WEIGHTS))
         cfg.save(tmp / MODEL_CONFIG_FILE)

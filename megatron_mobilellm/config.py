@@ -7,11 +7,12 @@ prints each preset with its exact parameter count.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_mobilellm.errors import ArgumentParser
 
 
 @dataclass
@@ -132,7 +133,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print the MobileLLM presets with exact parameter counts.")
+    parser = ArgumentParser(description="Print the MobileLLM presets with exact parameter counts.")
     parser.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (default 32000)")
     args = parser.parse_args(argv)
     header = (f"{'preset':<8}{'LS':>4}{'layers':>8}{'passes':>8}{'dim':>6}{'heads':>7}{'kv':>4}{'ffn':>7}{'vocab':>7}"

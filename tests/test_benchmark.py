@@ -1,4 +1,4 @@
-"""The benchmark runs on CPU (tiny preset) and writes its JSON; ours and the transformers baseline side by side."""
+"""The benchmark runs on CPU (tiny preset): ours and every transformers baseline, each in its own process."""
 
 import gzip
 import json
@@ -7,18 +7,49 @@ import sys
 
 from helpers import ROOT, env
 
+TINY = ["--presets", "tiny", "--micro-batch-sizes", "2", "--seq-length", "64", "--steps", "2", "--warmup", "1",
+        "--deepspeed_config", "ds_configs/zero1.json"]
 
-def test_benchmark_smoke(tmp_path):
+
+def bench(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatron_mobilellm.benchmark", *TINY, *args], capture_output=True,
+                          text=True, env=env(), cwd=ROOT, timeout=900)
+
+
+def test_comparison_runs_each_configuration_in_a_fresh_process(tmp_path):
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, "-m", "megatron_mobilellm.benchmark", "--presets", "tiny",
-                          "--micro-batch-sizes", "2", "--seq-length", "64", "--steps", "2", "--warmup", "1",
-                          "--deepspeed_config", "ds_configs/zero1.json", "--compile", "decoder", "--baseline", "eager",
-                          "--json", str(out), "--profile", "--trace", str(tmp_path / "trace.json.gz")], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    res = bench(["--json", str(out)])  # default: ours, then eager, compile and liger baselines
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["name"].split()[0] for r in rows] == ["ours", "transformers"]
-    assert all(r["tokens_per_sec"] > 0 and r["step_ms"] > 0 for r in rows)
-    assert rows[0]["vs_baseline"] > 0
-    assert "config" in res.stdout and "tok/s" in res.stdout
+    assert [r["name"] for r in rows] == ["ours zero1", "transformers eager", "transformers compile",
+                                         "transformers liger"]
+    timed = [r for r in rows if "error" not in r]
+    assert len(timed) == 3 and all(r["tokens_per_sec"] > 0 and r["step_ms"] > 0 for r in timed)
+    assert len({r["pid"] for r in timed}) == 3  # one process per configuration
+    # liger_kernel is optional and its Triton kernels need a GPU: a row that says why, not a crash
+    assert rows[3]["error"] in ("not installed", "needs CUDA (Triton kernels)")
+    best = max(r["tokens_per_sec"] for r in rows[1:3])
+    assert abs(rows[0]["vs_baseline"] - rows[0]["tokens_per_sec"] / best) < 1e-9
+    table = res.stdout[res.stdout.index("config"):]
+    for name in ("ours zero1", "transformers eager", "transformers compile", "transformers liger"):
+        assert name in table
+
+
+def test_single_configuration_in_process_with_profile(tmp_path):
+    out = tmp_path / "bench.json"
+    res = bench(["--run", "ours", "--stock-zero-reductions", "--json", str(out), "--profile", "--trace",
+                 str(tmp_path / "trace.json.gz")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["world_size"] == 1 and [r["name"] for r in data["rows"]] == ["ours zero1 stock-reductions"]
+    assert "Self CPU" in res.stdout  # the profiler's kernel table
     with gzip.open(tmp_path / "trace.json.gz") as f:
         assert json.load(f)["traceEvents"]  # --trace: a Chrome trace of our profiled steps
+
+
+def test_a_failing_configuration_is_a_row_and_a_bad_config_an_error_line(tmp_path):
+    res = bench(["--baseline", "--cuda-graphs"])  # ours alone; its process refuses CUDA graphs without a GPU
+    assert "failed (exit 1): error: --cuda-graphs needs a CUDA device" in res.stdout  # the table still prints
+    assert res.returncode == 1 and "error: 1 configuration(s) failed" in res.stderr  # and scripts notice
+    res = bench(["--deepspeed_config", str(tmp_path / "missing.json")])
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: --deepspeed_config")

@@ -31,14 +31,17 @@ def test_single_node_recipe(size):
     assert (args.micro_batch_size, args.global_batch_size, args.lr, args.min_lr) == (32, 256, 5e-4, 5e-5)
     assert (args.seq_length, args.lr_warmup_iters, args.clip_grad, args.weight_decay) == (2048, 1000, 1.0, 0.1)
     assert args.bf16 and args.save == args.load
-    assert args.compile == "decoder" and not args.cuda_graphs
+    assert args.compile == "decoder" and args.cuda_graphs  # on by default: one micro-batch per step
 
 
-def test_recipe_cuda_graphs_opt_in_skips_eager_and_zero3():
-    assert parse_args(trainer_args(dry_run("125M", CUDA_GRAPHS="1"))).cuda_graphs
-    assert not parse_args(trainer_args(dry_run("125M", CUDA_GRAPHS="1", COMPILE=""))).cuda_graphs
-    zero3 = parse_args(trainer_args(dry_run("1B", CUDA_GRAPHS="1", DS_CONFIG=str(ROOT / "ds_configs" / "zero3.json"))))
-    assert zero3.compile == "decoder" and not zero3.cuda_graphs
+def test_recipe_cuda_graphs_off_switch_and_skips_eager_and_zero3():
+    assert not parse_args(trainer_args(dry_run("125M", CUDA_GRAPHS="0"))).cuda_graphs
+    assert not parse_args(trainer_args(dry_run("125M", COMPILE=""))).cuda_graphs
+    zero3_config = str(ROOT / "ds_configs" / "zero3.json")
+    zero3 = parse_args(trainer_args(dry_run("1B", CUDA_GRAPHS="1", DS_CONFIG=zero3_config)))
+    assert zero3.compile is None and not zero3.cuda_graphs  # ZeRO-3 measured faster eager
+    zero3 = parse_args(trainer_args(dry_run("1B", COMPILE="blocks", DS_CONFIG=zero3_config)))
+    assert zero3.compile == "blocks" and not zero3.cuda_graphs
 
 
 def test_multi_node_recipe_scales_lr_linearly():

@@ -16,6 +16,7 @@ from megatron_mobilellm.data.builder import build_datasets, check_data_args, par
 from megatron_mobilellm.data.gpt_dataset import GPTDataset, normalize, num_epochs_needed, parse_split, split_ranges
 from megatron_mobilellm.data.indexed_dataset import DatasetFormatError, IndexedDataset, IndexedDatasetWriter
 from megatron_mobilellm.data.sampler import GlobalBatchSampler
+from megatron_mobilellm.errors import user_message
 from megatron_mobilellm.training.arguments import parse_args
 
 
@@ -327,3 +328,29 @@ def test_pretrain_refuses_a_valid_set_shorter_than_one_validation(tmp_path):
     assert res.returncode == 1 and "iteration" not in res.stdout
     assert re.fullmatch(r"error: --eval-iters 50 needs 400 validation samples; the valid split has \d+ "
                         r"\(--data-path, --split\)", res.stderr.strip().splitlines()[-1])
+
+
+def test_out_of_vocabulary_ids_stop_before_the_model(tmp_path):
+    ds, docs = make_dataset(tmp_path / "d", [300, 200, 400])
+    top = int(max(d.max() for d in docs))
+    fine = GPTDataset(ds, "train", np.arange(3), 64, None, 0, tmp_path / "c", vocab_size=top + 1)
+    assert all(int(fine[i]["tokens"].max()) <= top for i in range(len(fine)))
+    small = GPTDataset(ds, "train", np.arange(3), 64, None, 0, tmp_path / "c", vocab_size=1000)
+    with pytest.raises(DatasetFormatError, match=rf"{tmp_path / 'd'}: token id \d+ in sample 0 of the train split "
+                                                 r"is not below the model's vocabulary size 1000"):
+        small[0]
+    loader = torch.utils.data.DataLoader(small, batch_size=2, num_workers=1)
+    with pytest.raises(DatasetFormatError) as raised:  # from a worker: the message holds the worker's traceback
+        next(iter(loader))
+    assert user_message(raised.value).startswith(f"{tmp_path / 'd'}: token id ")
+    assert "\n" not in user_message(raised.value)
+
+
+def test_pretrain_names_the_dataset_with_out_of_vocabulary_ids(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", num_docs=40, vocab=512)
+    res = run_pretrain(tiny_args(corpus, tmp_path, iters=2, **{"--vocab-size": 256, "--num-workers": 1}),
+                       check=False)
+    assert res.returncode == 1 and " iteration        1/" not in res.stdout, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: {corpus}: token id \d+ in sample \d+ of the (train|valid) split is not below the "
+                        r"model's vocabulary size 256; .*\(--data-path, --vocab-size\)", last), last

@@ -258,25 +258,28 @@ def _slow_input(path: Path) -> Path:
     return path
 
 
-def _start(tmp_path, *args):
+def _start(tmp_path, workers: int, *args):
+    """The tool started on a slow input; returns once its worker processes (if any) are parsing."""
     import psutil
     out = tmp_path / "out"
     out.mkdir()
     (out / "x.bin").write_bytes(b"old")  # an existing dataset at the prefix must survive every failure
     (out / "x.idx").write_bytes(b"old")
     proc = subprocess.Popen([sys.executable, str(TOOL), "--no-progress", "--input",
-                             str(_slow_input(tmp_path / "in.jsonl.gz")), "--output-prefix", str(out / "x"), *args],
+                             str(_slow_input(tmp_path / "in.jsonl.gz")), "--output-prefix", str(out / "x"),
+                             "--workers", str(workers), *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    expected = workers if workers > 1 else 0
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None and (
-            len(psutil.Process(proc.pid).children()) < 2 or not list(out.glob(".x.bin.tmp*"))):
+            len(psutil.Process(proc.pid).children()) < expected or not list(out.glob(".x.bin.tmp*"))):
         time.sleep(0.05)
-    workers = psutil.Process(proc.pid).children() if proc.poll() is None else []
-    if len(workers) != 2:
+    children = psutil.Process(proc.pid).children() if proc.poll() is None else None
+    if children is None or len(children) != expected:
         proc.kill()
         pytest.fail(f"the run did not get going: {proc.communicate()}")
     time.sleep(0.3)  # mid-run: chunks are being parsed
-    return proc, workers, out
+    return proc, children, out
 
 
 def _assert_untouched(out: Path):
@@ -292,7 +295,7 @@ def _gone(procs, timeout=10.0) -> bool:
 
 def test_killed_worker_fails_fast_names_input_and_cleans_up(tmp_path):
     """What the OOM killer does to a worker: the main process must not hang, and must say which input it was."""
-    proc, workers, out = _start(tmp_path, "--workers", "2", "--chunk-size-mb", "1")
+    proc, workers, out = _start(tmp_path, 2, "--chunk-size-mb", "1")
     workers[0].kill()
     start = time.time()
     _, stderr = proc.communicate(timeout=60)
@@ -306,7 +309,7 @@ def test_killed_worker_fails_fast_names_input_and_cleans_up(tmp_path):
 
 def test_killed_main_process_takes_its_workers_along(tmp_path):
     """kill -9 of the main process: no orphaned workers; its temporaries go with the next run at that prefix."""
-    proc, workers, out = _start(tmp_path, "--workers", "2")
+    proc, workers, out = _start(tmp_path, 2)
     proc.kill()
     proc.wait(timeout=10)
     assert _gone(workers, timeout=10), [w.pid for w in workers]
@@ -315,11 +318,11 @@ def test_killed_main_process_takes_its_workers_along(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["x.bin", "x.idx"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_and_sigterm_exit_cleanly(tmp_path, sig):
+@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 2), (signal.SIGTERM, 2), (signal.SIGINT, 1)])
+def test_ctrl_c_and_sigterm_exit_cleanly(tmp_path, sig, workers):
     """Ctrl-C reaches the whole process group (as from a terminal); SIGTERM only the main process (as from a
     scheduler). Either way: a prompt exit with one line, nothing written, no temporaries, no workers left."""
-    proc, workers, out = _start(tmp_path, "--workers", "2")
+    proc, workers, out = _start(tmp_path, workers)
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)
     else:
@@ -362,18 +365,19 @@ def _old_dataset(prefix: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in prefix.parent.iterdir()}
 
 
-@pytest.mark.parametrize("tool", ["preprocess", "merge"])
+@pytest.mark.parametrize("tool", ["preprocess", "preprocess-2-workers", "merge"])
 def test_disk_full_on_tmpfs_is_one_line_and_keeps_old_dataset(tmp_path, small_tmpfs, tool):
     before = _old_dataset(small_tmpfs / "x")
-    if tool == "preprocess":
+    if tool.startswith("preprocess"):
+        workers = "2" if tool.endswith("workers") else "1"
         res = run_tool("--input", _docs_jsonl(tmp_path / "in.jsonl", 1500), "--output-prefix", small_tmpfs / "x",
-                       check=False)
+                       "--workers", workers, "--chunk-size-mb", "0.25", check=False)
     else:
         write_jsonl(tmp_path / "a.jsonl", [np.arange(1000)] * 1500, extra=False)
         run_tool("--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "a")
-        res = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_datasets.py"), "--input", tmp_path / "a",
-                              tmp_path / "a", "--output-prefix", small_tmpfs / "x"], capture_output=True, text=True,
-                             cwd=ROOT, timeout=300)
+        res = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_datasets.py"), "--no-progress", "--input",
+                              tmp_path / "a", tmp_path / "a", "--output-prefix", small_tmpfs / "x"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: cannot write: no space left on device")
@@ -589,7 +593,8 @@ def test_numeric_flags_are_range_checked_before_work(tmp_path, capsys, flag, val
     tool = _load_tool("preprocess_jsonl")
     with pytest.raises(SystemExit) as stop:
         tool.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"), flag, value])
-    assert stop.value.code != 0 and f"argument {flag}: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.startswith("error: ") and err.endswith(f"({flag}); see --help\n"), err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -608,3 +613,15 @@ def test_glob_matches_the_glob_module(tmp_path, monkeypatch, pattern):
     monkeypatch.chdir(tmp_path)
     for spec in (pattern, str(tmp_path / pattern)):
         assert _glob(spec) == sorted({Path(m) for m in globmodule.glob(spec, recursive=True)}), spec
+
+
+def test_glob_over_node_folders_skips_folders_without_jsonl(tmp_path):
+    """'base/*' matches node folders and, say, a logs folder: the latter is no error, an empty match is."""
+    write_jsonl(tmp_path / "base" / "n1" / "a.jsonl", [[1]])
+    (tmp_path / "base" / "logs").mkdir()
+    (tmp_path / "base" / "logs" / "run.txt").write_text("x")
+    run_tool("--input", tmp_path / "base" / "*", "--output-prefix", tmp_path / "o")
+    assert IndexedDataset(tmp_path / "o")[0].tolist() == [1]
+    res = run_tool("--input", tmp_path / "base" / "l*", "--output-prefix", tmp_path / "p", check=False)
+    assert (res.returncode, res.stderr) == (1, f"error: no such file, directory or glob match "
+                                               f"({tmp_path / 'base' / 'l*'})\n")

@@ -91,6 +91,23 @@ def test_ds_config_missing_or_invalid(corpus, tmp_path, capsys, monkeypatch):
     assert "bad.json: invalid JSON" in err
 
 
+@pytest.mark.parametrize("content,message", [
+    ("[]", "the DeepSpeed config must be a JSON object, not a list (--deepspeed_config {path})"),
+    ('{"bf16": true}', '"bf16" must be a section (a JSON object), not true (--deepspeed_config {path})'),
+    ('{"zero_optimization": 2}',
+     '"zero_optimization" must be a section (a JSON object), not 2 (--deepspeed_config {path})'),
+    (None, "the DeepSpeed config is a folder, not a JSON file (--deepspeed_config {path})"),
+])
+def test_ds_config_of_the_wrong_shape(corpus, tmp_path, capsys, monkeypatch, content, message):
+    path = tmp_path / "ds.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    err = fails(tiny_args(corpus, tmp_path, **{"--deepspeed_config": path}), capsys, monkeypatch)
+    assert err.strip().splitlines() == [f"error: {message.format(path=path)}"]
+
+
 def test_ds_config_fills_auto_fields():
     cfg = build_ds_config(str(ROOT / "ds_configs" / "zero2.json"), 4, 2, 8, 1.0, True)
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2

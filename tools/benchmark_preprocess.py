@@ -24,6 +24,7 @@ import numpy as np
 from megatron_mobilellm.data.gpt_dataset import build_document_index, build_sample_index
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter
 from megatron_mobilellm.data.preprocess import Options, preprocess
+from megatron_mobilellm.errors import ArgumentParser
 
 
 def make_input(path: Path, mb: float) -> int:
@@ -55,7 +56,7 @@ def best_mb_s(runs: dict[str, Callable[[], None]], size: int, repeats: int) -> d
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=float, default=100.0, help="size of the generated input")
     p.add_argument("--repeats", type=int, default=3, help="runs per converter; the fastest counts")
     p.add_argument("--documents", type=int, default=10_000_000, help="documents for the index-build timing")
@@ -71,8 +72,8 @@ def main() -> None:
                                                      workers=workers, progress=False)
         results.update(best_mb_s(runs, size, args.repeats))
         assert (tmp / "naive.bin").read_bytes() == (tmp / "w1.bin").read_bytes() == (tmp / "w2.bin").read_bytes()
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 2000, size=args.documents).astype(np.int32)
+    rng = np.random.RandomState(0)  # Megatron's generator, as the trainer's index build uses
+    lengths = rng.randint(1, 2000, size=args.documents).astype(np.int32)
     t = time.perf_counter()
     doc_index = build_document_index(np.arange(args.documents), 1, rng)
     num_samples = (int(lengths.sum()) - 1) // 2048

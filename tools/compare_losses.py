@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_mobilellm.errors import ArgumentParser
+
 Curve = dict[int, float]
 
 
@@ -64,7 +66,7 @@ def compare(name: str, a: Curve, b: Curve) -> tuple[bool, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--tag", action="append", help="a TensorBoard scalar to compare, repeatable (default train/loss)")

@@ -14,21 +14,19 @@ import argparse
 import sys
 
 from megatron_mobilellm.checkpoint_layout import write_imported_weights
-from megatron_mobilellm.convert.hf_format import ExportError, read_hf
+from megatron_mobilellm.convert.hf_format import read_hf
+from megatron_mobilellm.errors import ArgumentParser, cli_main
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True, help="Hugging Face model directory")
     p.add_argument("--output", required=True, help="directory to pass to pretrain --load")
     p.add_argument("--layer-sharing", action="store_true", help="the Llama export came from an LS model")
     args = p.parse_args(argv)
-    try:
-        state, cfg = read_hf(args.hf, args.layer_sharing)
-        write_imported_weights(args.output, state, cfg)
-    except (ExportError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    state, cfg = read_hf(args.hf, args.layer_sharing)
+    write_imported_weights(args.output, state, cfg)
     print(f"imported {args.hf} ({sum(v.numel() for v in state.values()):,} parameters, {cfg.num_layers} blocks"
           f"{', layer sharing' if cfg.layer_sharing else ''}) → {args.output}; train with --load {args.output}")
     return 0

@@ -11,16 +11,18 @@ import signal
 import sys
 
 from megatron_mobilellm.data.indexed_dataset import DatasetFormatError, DatasetWriteError, merge_datasets
+from megatron_mobilellm.errors import ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in output order")
     p.add_argument("--output-prefix", required=True)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop cleans up like Ctrl-C
     try:
-        n = merge_datasets(args.input, args.output_prefix)
+        n = merge_datasets(args.input, args.output_prefix, progress=not args.no_progress)
     except (DatasetFormatError, DatasetWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

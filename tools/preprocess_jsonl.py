@@ -16,6 +16,7 @@ from typing import Callable
 
 from megatron_mobilellm.data.indexed_dataset import DatasetWriteError
 from megatron_mobilellm.data.preprocess import Options, PreprocessError, preprocess
+from megatron_mobilellm.errors import ArgumentParser
 
 MAX_WORKERS = 1024
 MAX_VOCAB = 2**31 - 1  # ids are stored as int32 above 65,500
@@ -30,13 +31,13 @@ def bounded(kind: type, low: float, high: float) -> Callable[[str], float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
         if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"{text} is outside [{low:g}, {high:g}]")
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low}, {high}]")
         return value
     return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
                    help="files, directories (every *.jsonl[.gz|.zst] below, symlinked folders included, sorted by "
                         "path) or globs; .zst needs the [zstd] extra")

@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+from megatron_mobilellm.errors import ArgumentParser
+
 
 def load_rows(paths: list[str]) -> list[dict]:
     rows = []
@@ -44,7 +46,7 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", nargs="+", help="benchmark JSON files, 1-process and N-process runs")
     opts = p.parse_args(argv)
     print("\n".join(table(load_rows(opts.json))))

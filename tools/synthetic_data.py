@@ -11,10 +11,11 @@ import argparse
 import numpy as np
 
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter, token_dtype
+from megatron_mobilellm.errors import ArgumentParser
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokens", type=int, default=10_000_000)
     p.add_argument("--vocab-size", type=int, default=32000)

@@ -14,6 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_mobilellm.errors import ArgumentParser
+
+COMPILE_SCOPES = ("blocks", "decoder")  # the benchmark's --compile choices, which lead its row names
+
 
 def load_rows(paths: list[str]) -> list[dict]:
     """Our rows, each with its stage (the config's name) and the rest of its label (compile mode) split out."""
@@ -23,9 +27,9 @@ def load_rows(paths: list[str]) -> list[dict]:
         for row in data["rows"]:
             if "error" in row or not row["name"].startswith("ours"):
                 continue
-            words = row["name"].split()[1:]
-            stage = next(w for w in words if w.startswith("zero"))
-            mode = " ".join(w for w in words if w != stage and not w.startswith("×")) or "eager"
+            words = [w for w in row["name"].split()[1:] if not w.startswith("×")]  # ours [scope[+graphs]] CONFIG ...
+            at = 1 if words[0].split("+")[0] in COMPILE_SCOPES else 0
+            stage, mode = words[at], " ".join(words[:at] + words[at + 1:]) or "eager"
             rows.append({**row, "stage": stage, "mode": mode, "world_size": data.get("world_size", 1)})
     return rows
 
@@ -47,7 +51,7 @@ def table(rows: list[dict], reference: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", nargs="+", help="benchmark JSON files")
     p.add_argument("--reference", default="zero2", help="the config name other stages are compared with")
     opts = p.parse_args(argv)

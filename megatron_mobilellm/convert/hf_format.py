@@ -10,14 +10,18 @@ appears atomically: it is written under a temporary name and renamed when comple
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_mobilellm import safe_load
 from megatron_mobilellm.atomic import atomic_directory
 from megatron_mobilellm.config import ModelConfig
+from megatron_mobilellm.errors import UserError
+from megatron_mobilellm.model import MobileLLM
 from megatron_mobilellm.model.hf_adapter import from_hf, hf_config_dict, to_hf
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -25,8 +29,37 @@ _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.floa
 FORMATS = ("llama", "mobilellm")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An output or input Hugging Face directory that cannot be written or read as asked."""
+
+
+# Every name write_hf creates: --overwrite may replace a folder that holds nothing else.
+_EXPORT_FILE = re.compile(r"config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors"
+                          r"|model\.safetensors\.index\.json|tokenizer\.model|tokenizer_config\.json"
+                          r"|special_tokens_map\.json")
+
+
+def check_output(output: Path, source: Path | None, overwrite: bool) -> None:
+    """Refuse an ``--output`` whose replacement would delete what this tool did not write: the checkpoint being
+    read (or a folder holding or inside it), or any folder with more than an earlier export in it."""
+    out = output.resolve()
+    if source is not None:
+        src = source.resolve()
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            raise ExportError(f"--output {output} is, holds or lies inside the checkpoint {source}; "
+                              "write the export elsewhere")
+    if output.is_file() or output.is_symlink():
+        raise ExportError(f"--output {output} is a file, not a folder; write the export elsewhere")
+    if not output.exists() or not any(output.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"--output {output} exists and is not empty (pass --overwrite to replace an earlier export)")
+    foreign = sorted(p.name for p in output.iterdir() if not (p.is_file() and _EXPORT_FILE.fullmatch(p.name)))
+    if not (output / "config.json").is_file():
+        foreign.insert(0, "no config.json")
+    if foreign:
+        raise ExportError(f"--output {output} holds more than an earlier export ({', '.join(foreign[:5])}); "
+                          "--overwrite only replaces an export, so write elsewhere")
 
 
 def hf_config(cfg: ModelConfig, fmt: str, dtype: torch.dtype, bos_id: int, eos_id: int) -> dict:
@@ -89,13 +122,13 @@ def _write_tokenizer(out: Path, tokenizer_model: str) -> tuple[int, int]:
 
 def write_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, output: str | Path, dtype: str = "bf16",
              fmt: str = "llama", tokenizer_model: str | None = None, overwrite: bool = False,
-             max_shard_bytes: int = 2 << 30) -> Path:
-    """Write the export; nothing appears at ``output`` unless every file was written."""
+             max_shard_bytes: int = 2 << 30, source: str | Path | None = None) -> Path:
+    """Write the export; nothing appears at ``output`` unless every file was written, and nothing is replaced but
+    an earlier export (``source``, the checkpoint read, is never touched)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {FORMATS}")
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f"--output {output} exists and is not empty (pass --overwrite to replace it)")
+    check_output(output, Path(source) if source is not None else None, overwrite)
     torch_dtype = DTYPES[dtype]
     with atomic_directory(output) as tmp:
         bos, eos = _write_tokenizer(tmp, tokenizer_model) if tokenizer_model else (1, 2)
@@ -118,7 +151,7 @@ def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         raise ExportError(f"--hf {hf_dir}: no *.safetensors or pytorch_model*.bin weights")
     tensors = {}
     for f in files:
-        tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+        tensors.update(safe_load.load(f))
     return tensors
 
 
@@ -161,24 +194,55 @@ def config_from_hf(hf_cfg: dict, layer_sharing: bool = False) -> ModelConfig:
         layer_sharing=layer_sharing or fmt_ls)
 
 
+def check_representable(hf_cfg: dict, where: Path) -> None:
+    """Refuse an HF config whose function a MobileLLM cannot compute, naming the field."""
+    kind = hf_cfg.get("model_type")
+    if kind not in ("llama", "mobilellm"):
+        raise ExportError(f"model_type {kind!r} is not a MobileLLM or Llama model ({where})")
+    rope_type = (hf_cfg.get("rope_scaling") or hf_cfg.get("rope_parameters") or {}).get("rope_type", "default")
+    found = {"hidden_act": hf_cfg.get("hidden_act", "silu"), "attention_bias": hf_cfg.get("attention_bias", False),
+             "mlp_bias": hf_cfg.get("mlp_bias", False), "rope_type": rope_type}
+    wanted = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_type": "default"}
+    for field, value in found.items():
+        if value != wanted[field]:
+            raise ExportError(f"{field} = {value!r} cannot be represented by a MobileLLM ({where})")
+
+
 def read_hf(hf_dir: str | Path, layer_sharing: bool = False) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Our state dict and config from an HF directory (Llama, or MobileLLM format incl. released ``.bin`` files
     without ``lm_head``)."""
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ExportError(f"--hf {hf_dir}: no config.json")
-    hf_cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg = config_from_hf(hf_cfg, layer_sharing)
+    config_file = hf_dir / "config.json"
+    try:
+        hf_cfg = json.loads(config_file.read_text())
+        check_representable(hf_cfg, config_file)
+        cfg = config_from_hf(hf_cfg, layer_sharing)
+    except json.JSONDecodeError as e:
+        raise ExportError(f"config.json is not valid JSON: {e} ({config_file})") from None
+    except (KeyError, TypeError, AttributeError) as e:  # a missing key, or not a JSON object
+        raise ExportError(f"config.json has no usable {e} entry ({config_file})") from None
     tensors = _read_weights(hf_dir)
     if "model.embed_tokens.weight" not in tensors:
         raise ExportError(f"--hf {hf_dir}: no model.embed_tokens.weight in the weights")
     compact = hf_cfg.get("model_type") == "mobilellm"
-    if compact:  # one HF layer per block: map as a non-shared model, then mark sharing in the config
-        mapped = from_hf(tensors, ModelConfig(**{**cfg.to_dict(), "layer_sharing": False}))
-    else:
-        mapped = from_hf(tensors, cfg)
-    used = set(to_hf(mapped, ModelConfig(**{**cfg.to_dict(), "layer_sharing": False}) if compact else cfg))
+    # One HF layer per block in the compact format: map as a non-shared model, then mark sharing in the config.
+    mapped_cfg = ModelConfig(**{**cfg.to_dict(), "layer_sharing": False}) if compact else cfg
+    try:
+        mapped = from_hf(tensors, mapped_cfg)
+    except KeyError as e:
+        raise ExportError(f"the weights have no tensor {e} that config.json implies ({hf_dir})") from None
+    except (ValueError, RuntimeError) as e:  # differing shared layers, or q/k/v shapes that do not fit
+        raise ExportError(f"the weights do not fit config.json: {e} ({hf_dir})") from None
+    with torch.device("meta"):
+        expected = MobileLLM(mapped_cfg).state_dict()
+    for name, tensor in mapped.items():
+        if tensor.shape != expected[name].shape:
+            raise ExportError(f"tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                              f"{tuple(expected[name].shape)} ({hf_dir})")
+    used = set(to_hf(mapped, mapped_cfg))
     unused = sorted(k for k in tensors if k not in used and k != "lm_head.weight" and "rotary_emb.inv_freq" not in k)
     if unused:
-        raise ExportError(f"--hf {hf_dir}: {len(unused)} tensors cannot be represented (e.g. {', '.join(unused[:3])})")
+        raise ExportError(f"{len(unused)} tensors cannot be represented (e.g. {', '.join(unused[:3])}) ({hf_dir})")
     return {k: v.float().contiguous() for k, v in mapped.items()}, cfg

@@ -127,11 +127,12 @@ def check_data_args(data_path: list[str], split: str, seq_length: int, num_sampl
 
 
 def build_split(plan: SplitPlan, indexed: list[IndexedDataset], seq_length: int, seed: int,
-                cache_dir: str | Path | None) -> torch.utils.data.Dataset:
+                cache_dir: str | Path | None, vocab_size: int | None = None) -> torch.utils.data.Dataset:
     """One split as megatron-core's BlendedMegatronDatasetBuilder builds it (same sizes, so the same samples)."""
     def gpt(k: int, count: int | None) -> GPTDataset:
         d, (start, end) = plan.members[k], plan.ranges[k]
-        return GPTDataset(indexed[d], plan.name, np.arange(start, end), seq_length, count, seed, cache_dir)
+        return GPTDataset(indexed[d], plan.name, np.arange(start, end), seq_length, count, seed, cache_dir,
+                          vocab_size)
 
     n = plan.num_samples
     if plan.weights is None and len(plan.members) == 1:
@@ -149,14 +150,16 @@ def build_split(plan: SplitPlan, indexed: list[IndexedDataset], seq_length: int,
 
 
 def build_datasets(data_path: list[str], split: str, seq_length: int, seed: int, num_samples: dict[str, int],
-                   cache_dir: str | Path | None = None) -> dict[str, torch.utils.data.Dataset | None]:
+                   cache_dir: str | Path | None = None,
+                   vocab_size: int | None = None) -> dict[str, torch.utils.data.Dataset | None]:
     """Train/valid/test datasets, sample for sample megatron-core's for the same arguments; a split with
-    weight 0, no documents or 0 requested samples is None."""
+    weight 0, no documents or 0 requested samples is None. With ``vocab_size``, a sample holding a larger id
+    raises DatasetFormatError naming its dataset, before the model sees it."""
     weights, prefixes = parse_data_path(data_path)
     indexed = open_datasets(prefixes)
     plans, _ = plan_splits(indexed, weights, split, seq_length, num_samples)
-    return {name: build_split(plans[name], indexed, seq_length, seed, cache_dir) if name in plans else None
-            for name in SPLIT_NAMES}
+    return {name: build_split(plans[name], indexed, seq_length, seed, cache_dir, vocab_size) if name in plans
+            else None for name in SPLIT_NAMES}
 
 
 def build_loader(dataset: torch.utils.data.Dataset, consumed_samples: int, micro_batch_size: int,

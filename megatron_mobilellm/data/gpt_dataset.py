@@ -26,6 +26,7 @@ import torch
 
 from megatron_mobilellm.data.index_cache import cached_arrays, default_cache_dir
 from megatron_mobilellm.data.indexed_dataset import IndexedDataset
+from megatron_mobilellm.errors import DatasetFormatError
 
 INDEX_VERSION = 2
 SPLIT_NAMES = ("train", "valid", "test")
@@ -150,8 +151,11 @@ class GPTDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, indexed: IndexedDataset, split: str, documents: np.ndarray, seq_length: int,
-                 num_samples: int | None, seed: int, cache_dir: str | Path | None = None):
+                 num_samples: int | None, seed: int, cache_dir: str | Path | None = None,
+                 vocab_size: int | None = None):
         self.indexed, self.seq_length, self.split = indexed, seq_length, split
+        # Ids that reach the embedding must be < vocab_size; a dtype that cannot hold a larger id needs no check.
+        self.vocab_size = vocab_size if vocab_size is not None and np.iinfo(indexed.dtype).max >= vocab_size else None
         lengths = indexed.sequence_lengths
         tokens_per_epoch = int(lengths[documents].sum(dtype=np.int64)) if documents.size else 0
         if tokens_per_epoch <= 1:
@@ -183,5 +187,10 @@ class GPTDataset(torch.utils.data.Dataset):
         return np.concatenate(parts)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        sample = torch.from_numpy(self.sample_tokens(i).astype(np.int64))
+        tokens = self.sample_tokens(i)
+        if self.vocab_size is not None and tokens.max() >= self.vocab_size:
+            raise DatasetFormatError(f"{self.indexed.prefix}: token id {int(tokens.max())} in sample {i} of the "
+                                     f"{self.split} split is not below the model's vocabulary size {self.vocab_size}; "
+                                     "was the data tokenized for another vocabulary? (--data-path, --vocab-size)")
+        sample = torch.from_numpy(tokens.astype(np.int64))
         return {"tokens": sample[:-1], "labels": sample[1:]}

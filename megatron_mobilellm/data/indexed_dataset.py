@@ -24,9 +24,10 @@ import struct
 from contextlib import ExitStack, contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from megatron_mobilellm.atomic import atomic_files, remove_stale_temporaries, write_error_message
 from megatron_mobilellm.errors import DatasetFormatError
@@ -108,8 +109,9 @@ class IndexedDatasetWriter:
     def add_document(self, tokens: np.ndarray) -> None:
         self.add_documents(tokens, np.array([len(tokens)]))
 
-    def append_dataset(self, ds: "IndexedDataset") -> None:
-        """Copy another dataset of the same dtype, keeping its sequences and document boundaries."""
+    def append_dataset(self, ds: "IndexedDataset", on_bytes: Callable[[int], object] | None = None) -> None:
+        """Copy another dataset of the same dtype, keeping its sequences and document boundaries; ``on_bytes``
+        hears of every block copied (a progress bar)."""
         if ds.dtype != self.dtype:
             raise DatasetFormatError(f"{ds.prefix}: token dtype {ds.dtype}, but this dataset is {self.dtype}")
         src_path = bin_path(ds.prefix)
@@ -120,6 +122,8 @@ class IndexedDatasetWriter:
         with src, _writing(bin_path(self.prefix)):
             while block := src.read(64 << 20):
                 self._bin.write(block)
+                if on_bytes:
+                    on_bytes(len(block))
         self._record(ds.sequence_lengths.astype(np.int64), np.asarray(ds.document_indices[:-1], dtype=np.int64))
         self.num_tokens += ds.num_tokens
 
@@ -243,7 +247,7 @@ class IndexedDataset:
         return self.get(i)
 
 
-def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path) -> int:
+def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path, progress: bool = False) -> int:
     """Concatenate datasets (same token dtype) into one, keeping every sequence and document boundary.
 
     Returns the number of sequences written; output appears atomically as with the writer.
@@ -257,7 +261,9 @@ def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path) -> int
     if len({ds.dtype for ds in datasets}) != 1:
         raise DatasetFormatError("cannot merge datasets of different token dtypes: "
                                  + ", ".join(f"{ds.prefix}={ds.dtype}" for ds in datasets))
-    with IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer:
+    total = sum(ds.num_tokens * ds.dtype.itemsize for ds in datasets)
+    with IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
         for ds in datasets:
-            writer.append_dataset(ds)
+            writer.append_dataset(ds, bar.update)
     return writer.num_sequences

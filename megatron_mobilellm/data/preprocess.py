@@ -119,10 +119,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         if os.path.lexists(spec):
             found = _walk(Path(spec), repeats)
         else:
-            matches = _glob(spec)
-            if not matches:
+            found = [f for m in _glob(spec) for f in _walk(m, repeats, required=False)]
+            if not found:
                 raise PreprocessError(f"no such file, directory or glob match ({spec})")
-            found = [f for m in matches for f in _walk(Path(m), repeats)]
         for f in found:
             ident = _check_readable(f)
             if ident in seen:
@@ -190,12 +189,13 @@ def _walk_folders(root: Path, repeats: list[str] | None = None) -> Iterator[tupl
         yield folder, subfolders, sorted(names)
 
 
-def _walk(root: Path, repeats: list[str]) -> list[Path]:
-    """``root`` itself unless it is a folder (or a link to one); then its jsonl files in sorted path order."""
+def _walk(root: Path, repeats: list[str], required: bool = True) -> list[Path]:
+    """``root`` itself unless it is a folder (or a link to one); then its jsonl files in sorted path order, which
+    must exist when the folder was named (``required``), rather than matched by a glob."""
     if not root.is_dir():
         return [root]
     found = [Path(f, n) for f, _, names in _walk_folders(root, repeats) for n in names if n.endswith(SUFFIXES)]
-    if not found:
+    if not found and required:
         raise PreprocessError(f"directory has no {'/'.join(SUFFIXES)} files ({root})")
     return sorted(found)
 
@@ -203,7 +203,7 @@ def _walk(root: Path, repeats: list[str]) -> list[Path]:
 def _check_readable(path: Path) -> tuple[int, int]:
     """The file's identity (device, inode); PreprocessError if it cannot be opened for reading."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: a FIFO must not hang the check
     except OSError as e:
         raise PreprocessError(f"cannot read {path}: {e.strerror.lower()}") from None
     try:

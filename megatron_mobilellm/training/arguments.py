@@ -10,7 +10,7 @@ import argparse
 import math
 
 from megatron_mobilellm.config import PRESETS, ModelConfig, get_config
-from megatron_mobilellm.errors import ConfigError
+from megatron_mobilellm.errors import ArgumentParser, ConfigError
 from megatron_mobilellm.model.attention import BACKENDS
 from megatron_mobilellm.training.config import (OPTIMIZERS, EngineConfig, OptimizerConfig, RunConfig, ScheduleConfig,
                                                 TrainingConfig)
@@ -30,7 +30,7 @@ def add_engine_arguments(g: argparse._ArgumentGroup) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Pretrain a MobileLLM under DeepSpeed.", allow_abbrev=False)
+    p = ArgumentParser(description="Pretrain a MobileLLM under DeepSpeed.", allow_abbrev=False)
     g = p.add_argument_group("model")
     g.add_argument("--model-size", choices=list(PRESETS), default="125M")
     g.add_argument("--layer-sharing", action="store_true", help="MobileLLM-LS: run each block twice in a row")
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--override-invalid-checkpoints", action="store_true",
                    help="when no checkpoint in --load is complete, start from scratch instead of stopping (the "
                         "invalid tags are set aside, not deleted)")
+    g.add_argument("--skip-train", action="store_true",
+                   help="evaluate --load on the validation and test splits (--eval-iters batches each) and exit: "
+                        "no training step, nothing saved")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
@@ -191,6 +194,9 @@ def validate_args(args: argparse.Namespace) -> None:
     check(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must lie in [0, --lr {args.lr}]")
     check(args.save_interval is None or args.save is not None, "--save-interval needs --save DIR")
     check(not args.finetune or args.load is not None, "--finetune needs --load DIR")
+    check(not args.skip_train or args.load is not None, "--skip-train needs a checkpoint to evaluate (--load)")
+    check(not args.skip_train or args.eval_iters > 0,
+          "--skip-train evaluates --eval-iters batches per split, so it must be positive (--eval-iters)")
     check(not args.cuda_graphs or args.compile is not None, "--cuda-graphs needs --compile (blocks or decoder)")
     check(args.deepspeed_config is not None, "--deepspeed_config is required (see ds_configs/)")
     try:

@@ -1,8 +1,8 @@
 """Checkpoints through the DeepSpeed engine, plus the state that makes a resume exact.
 
 The files are described in ``checkpoint_layout.py``. Client state: iteration, consumed samples, the model config
-and the parsed command line. The LR scheduler is saved by DeepSpeed itself. Weights are loaded by DeepSpeed; our
-own small files are read with ``torch.load(weights_only=True)``. ``--load`` on an imported checkpoint initialises
+and the parsed command line. The LR scheduler is saved by DeepSpeed itself. Weights are loaded by DeepSpeed; every
+file, DeepSpeed's reads included, goes through ``safe_load`` (no arbitrary objects are unpickled). ``--load`` on an imported checkpoint initialises
 the weights and starts at iteration 0 with a fresh optimizer, as does ``--finetune`` on a training checkpoint.
 """
 
@@ -26,10 +26,11 @@ import torch.distributed as dist
 from megatron_mobilellm.atomic import atomic_directory
 from megatron_mobilellm.checkpoint_layout import (LATEST, MODEL_CONFIG_FILE, has_checkpoint, is_imported,
                                                   iteration_tags, latest_tag, read_checkpoint, read_imported_weights,
-                                                  read_manifest, tag_for, tag_iteration, verify_manifest,
-                                                  write_latest, write_manifest)
+                                                  read_manifest, read_model_config, tag_for, tag_iteration,
+                                                  verify_manifest, write_latest, write_manifest)
 from megatron_mobilellm.config import ModelConfig
 from megatron_mobilellm.errors import CheckpointError, ConfigError
+from megatron_mobilellm.safe_load import load, weights_only_loads
 
 
 @dataclass
@@ -187,7 +188,11 @@ def plan_resume(load_dir: str, world_size: int, start_over: bool = False, log=pr
     d = Path(load_dir)
     if not d.is_dir():
         return None
-    latest = latest_tag(d)
+    try:
+        latest = latest_tag(d)
+    except CheckpointError as e:
+        log(f"warning: {e}; looking for the newest complete checkpoint instead")
+        latest = None
     older = [t for t in iteration_tags(d) if latest is None or (t != latest and _older(t, latest))]
     candidates = ([latest] if latest else []) + older
     reasons = []
@@ -280,12 +285,30 @@ def _raise_if_any_rank(problem: str | None) -> None:
         raise CheckpointError("; ".join(found))
 
 
+def check_resume(load_dir: str, plan: ResumePlan, cfg: ModelConfig, zero_stage: int) -> None:
+    """Refuse a resume DeepSpeed would fail on with a long traceback, before it loads anything: another model
+    config (a tensor size mismatch), or a ZeRO stage switch its checkpoint files cannot follow (0 ↔ 1/2 ↔ 3;
+    1 ↔ 2 share one optimizer layout)."""
+    saved_cfg = read_model_config(load_dir, plan.tag)
+    if saved_cfg != cfg:
+        changed = ", ".join(f"{k} {v} → {getattr(cfg, k)}" for k, v in saved_cfg.to_dict().items()
+                            if getattr(cfg, k) != v)
+        raise ConfigError(f"checkpoint {plan.tag} holds another model ({changed}); use its --model-size and "
+                          f"model flags, or another --load (--load {load_dir})")
+    saved_stage = plan.manifest["zero_stage"]
+    if saved_stage != zero_stage and {saved_stage, zero_stage} != {1, 2}:
+        raise ConfigError(f"checkpoint {plan.tag} was saved under ZeRO-{saved_stage}, this run uses "
+                          f"ZeRO-{zero_stage}, and DeepSpeed cannot carry the optimizer state across that switch; "
+                          f"resume with a ZeRO-{saved_stage} --deepspeed_config, or take only the weights with "
+                          f"--finetune (--load {load_dir})")
+
+
 def prepare_universal(load_dir: str, plan: ResumePlan) -> None:
     """Convert ``plan.tag`` with DeepSpeed's ds_to_universal (rank 0; the others wait)."""
     src, dst = Path(load_dir) / plan.tag, Path(load_dir) / plan.load_tag
     if dist.get_rank() == 0 and not (dst / "zero").is_dir():
         with atomic_directory(dst) as tmp:
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+            cmd = [sys.executable, "-m", "megatron_mobilellm.safe_load", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
                    "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
@@ -297,7 +320,8 @@ def prepare_universal(load_dir: str, plan: ResumePlan) -> None:
 
 
 def load_checkpoint(engine, load_dir: str, cfg: ModelConfig, plan: ResumePlan) -> TrainState:
-    path, client = engine.load_checkpoint(load_dir, tag=plan.load_tag)
+    with weights_only_loads():
+        path, client = engine.load_checkpoint(load_dir, tag=plan.load_tag)
     if path is None:
         raise ConfigError(f"--load {load_dir}: DeepSpeed could not load checkpoint {plan.load_tag}")
     saved_cfg = ModelConfig.from_dict(client["model_config"])
@@ -305,7 +329,7 @@ def load_checkpoint(engine, load_dir: str, cfg: ModelConfig, plan: ResumePlan) -
         raise ConfigError(f"--load {load_dir}: checkpoint model config {saved_cfg} differs from this run's {cfg}")
     rng_file = Path(load_dir) / plan.load_tag / f"rng_state_rank{dist.get_rank()}.pt"
     if rng_file.is_file():  # absent for ranks that did not exist in the saving run
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(load(rng_file))
     state = TrainState(**client["train_state"])
     iterations: list = [None] * dist.get_world_size()
     dist.all_gather_object(iterations, state.iteration)

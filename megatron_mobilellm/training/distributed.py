@@ -37,10 +37,48 @@ def all_ranks_mean(value: torch.Tensor) -> float:
     return value.item() / dist.get_world_size()
 
 
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+class DeferredAnyRank:
+    """Whether any rank raised each flag, without stalling the host: each call starts the all-reduce (max) of this
+    iteration's flags and returns the previous call's result, so every rank acts on the same answer one iteration
+    later.
+
+    Reading an all-reduce's result at once (``.tolist()``) waits for all GPU work queued before it, so the host could
+    not queue the next step while the GPU finished this one. Here the result is copied into pinned host memory behind
+    the all-reduce and read one call later, after waiting only for that copy (long done by then). In a world of one
+    there is nothing to agree on and the flags come back unchanged, at once.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def __call__(self, flags: list[bool]) -> list[bool]:
+        if dist.get_world_size() == 1:
+            return flags
+        cuda = self.device.type == "cuda"
+        local = torch.tensor([float(f) for f in flags], pin_memory=cuda)
+        reduced = local.to(self.device, non_blocking=True)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        host = torch.empty(len(flags), pin_memory=True).copy_(reduced, non_blocking=True) if cuda else reduced
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        previous, self.pending = self.pending, (host, event)
+        return self._read(previous) if previous else [False] * len(flags)
+
+    def drain(self) -> None:
+        """Wait for the last all-reduce (before the process group goes away)."""
+        if self.pending:
+            self._read(self.pending)
+            self.pending = None
+
+    @staticmethod
+    def _read(pending: tuple[torch.Tensor, torch.cuda.Event | None]) -> list[bool]:
+        host, event = pending
+        if event is not None:
+            event.synchronize()
+        return [bool(v) for v in host.tolist()]
 
 
 def rank0_print(text: str) -> None:

@@ -12,13 +12,29 @@ from pathlib import Path
 from megatron_mobilellm.errors import ConfigError
 
 
+# Sections DeepSpeed reads as JSON objects; a bare value there (``"bf16": true``) would fail deep inside it.
+_SECTIONS = ("bf16", "fp16", "zero_optimization", "checkpoint", "activation_checkpointing", "flops_profiler")
+
+
 def _load(path: str) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"--deepspeed_config {path}: no such file") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise ConfigError(f"the DeepSpeed config is a folder, not a JSON file (--deepspeed_config {path})") from None
+    except OSError as e:
+        raise ConfigError(f"the DeepSpeed config cannot be read: {e.strerror} (--deepspeed_config {path})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"--deepspeed_config {path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"the DeepSpeed config must be a JSON object, not a {type(config).__name__} "
+                          f"(--deepspeed_config {path})")
+    for key in _SECTIONS:
+        if key in config and not isinstance(config[key], dict):
+            raise ConfigError(f"\"{key}\" must be a section (a JSON object), not {json.dumps(config[key])} "
+                              f"(--deepspeed_config {path})")
+    return config
 
 
 def _agree(config: dict, key: str, value, path: str, flag: str) -> None:

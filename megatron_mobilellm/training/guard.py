@@ -16,20 +16,36 @@ from collections import deque
 import torch
 
 
+def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
 class NonFiniteGradGuard:
     """Drops an fp32 ZeRO-0 step with non-finite gradients (gradients there are already data-parallel reduced, so
-    every rank decides the same)."""
+    every rank decides the same), and keeps the step's global gradient norm, which DeepSpeed does not in this mode.
+
+    ``measure()`` takes the norm before DeepSpeed clips (as Megatron logs it); the step hook judges that norm, or
+    measures itself if nothing did (clipping keeps a non-finite norm non-finite, so the decision is the same).
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
         self.skipped = False
-        self.scheduler = scheduler
+        self.grad_norm: float | None = None
+        self._measured: float | None = None
+        self.optimizer, self.scheduler = optimizer, scheduler
         optimizer.register_step_pre_hook(self._check)
 
+    def measure(self) -> None:
+        grads = _grads(self.optimizer)
+        self._measured = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
     def _check(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norms = torch._foreach_norm([p.grad for p in params]) if params else []
-        self.skipped = bool(params) and not bool(torch.stack(norms).isfinite().all())
+        if self._measured is None:
+            self.measure()
+        self.grad_norm, self._measured = self._measured, None
+        self.skipped = not math.isfinite(self.grad_norm)
         if self.skipped:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
             for p in params:
                 p.grad = None  # AdamW leaves parameters without gradients (and their moments) alone
             self.scheduler.hold_next_step = True

@@ -15,15 +15,16 @@ import torch.distributed as dist
 
 from megatron_mobilellm.checkpoint_layout import tag_for
 from megatron_mobilellm.data.builder import build_loader
+from megatron_mobilellm.errors import UserError
 from megatron_mobilellm.training.checkpointing import TrainState, save_checkpoint
 from megatron_mobilellm.training.config import RunConfig
-from megatron_mobilellm.training.distributed import all_ranks_mean, any_rank
-from megatron_mobilellm.training.guard import BadStepPolicy
+from megatron_mobilellm.training.distributed import DeferredAnyRank, all_ranks_mean
+from megatron_mobilellm.training.guard import BadStepPolicy, NonFiniteGradGuard
 from megatron_mobilellm.training.launcher import watch_launcher
 from megatron_mobilellm.training.metrics import MetricsWriter, Throughput, flops_per_token, max_memory_gib, perplexity
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Too many consecutive bad steps; the message names the iteration and the samples involved."""
 
 
@@ -53,11 +54,12 @@ class StepResult:
 
 
 def train_step(engine, batches, accum: int, device: torch.device, spike_policy: BadStepPolicy | None = None,
-               inject_nan: bool = False) -> StepResult:
+               inject_nan: bool = False, guard: NonFiniteGradGuard | None = None) -> StepResult:
     """One optimizer step: ``accum`` micro-batches of forward/backward, DeepSpeed steps at the boundary.
 
     With ``spike_policy``, the ranks agree on the step's mean loss before the last backward; a spike is vetoed by
-    making that loss NaN, so the engine's own overflow handling discards the step.
+    making that loss NaN, so the engine's own overflow handling discards the step. ``guard`` (fp32 ZeRO-0) measures
+    the reduced gradients' norm after the last backward, before DeepSpeed clips them.
     """
     total = torch.zeros((), device=device)
     global_loss = float("nan")
@@ -72,6 +74,8 @@ def train_step(engine, batches, accum: int, device: torch.device, spike_policy: 
             if spike_policy.is_spike(global_loss):
                 loss = loss * float("nan")
         engine.backward(loss)
+        if micro == accum - 1 and guard is not None:
+            guard.measure()
         engine.step()
     return StepResult(total / accum, global_loss)
 
@@ -127,7 +131,7 @@ class Trainer:
         validating = bool(cfg.eval_iters)
         if validating and state.iteration == 0:  # a baseline point for the validation curve
             self.validate()
-        stop, started = StopSignal(), time.time()
+        stop, started, agree = StopSignal(), time.time(), DeferredAnyRank(self.device)
         throughput = Throughput(cfg.global_batch_size * cfg.seq_length,
                                 flops_per_token(self.run.model, cfg.seq_length), cfg.peak_tflops, self.device)
         interval = LogInterval(torch.zeros((), device=self.device))
@@ -135,7 +139,8 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             step = train_step(self.engine, batches, self.accum, self.device,
                               self.policy if cfg.loss_spike_factor else None,
-                              inject_nan=state.iteration + 1 in cfg.inject_nan_loss_at and rank == 0)
+                              inject_nan=state.iteration + 1 in cfg.inject_nan_loss_at and rank == 0,
+                              guard=self.guard)
             state.iteration += 1
             state.consumed_samples += cfg.global_batch_size
             throughput.iters += 1
@@ -147,14 +152,16 @@ class Trainer:
                 self.validate()
             if cfg.save and cfg.save_interval and state.iteration % cfg.save_interval == 0:
                 self.save()
-            reason = self.exit_reason(stop, started)
+            reason = self.exit_reason(stop, started, agree)
             if reason:
+                agree.drain()
                 if cfg.save and self.last_saved != state.iteration:
                     self.save()
                 saved = f"checkpoint {cfg.save}/{tag_for(state.iteration)}" if cfg.save else \
                     "nothing saved (no --save)"
                 self.writer.line(f"exiting at iteration {state.iteration} after {reason}; {saved}")
                 return
+        agree.drain()
         if validating and state.iteration % cfg.eval_interval:
             self.validate()
         if cfg.save and self.last_saved != state.iteration:
@@ -173,7 +180,7 @@ class Trainer:
         state, policy = self.state, self.policy
         first = state.consumed_samples - self.cfg.global_batch_size
         self.writer.line(f"skipped the update of iteration {state.iteration} (loss {all_ranks_mean(step.local_loss):.4E}"
-                         f", grad norm {self.engine.get_global_grad_norm()}); global samples [{first}, "
+                         f", grad norm {self.grad_norm()}); global samples [{first}, "
                          f"{state.consumed_samples}); {policy.consecutive} in a row, {policy.total} in total")
         if policy.exhausted:
             raise TrainingStopped(
@@ -181,9 +188,17 @@ class Trainer:
                 f", the last at iteration {state.iteration}, global samples [{first}, {state.consumed_samples})"
                 f" of the train split; inspect that data, lower --lr, or resume from an earlier checkpoint")
 
+    def grad_norm(self) -> float:
+        """The last step's global gradient norm before clipping: DeepSpeed's, or the guard's in fp32 ZeRO-0 where
+        DeepSpeed keeps none."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None and self.guard is not None:
+            norm = self.guard.grad_norm
+        return float(norm if norm is not None else float("nan"))
+
     def log(self, loss: float, lr: float, speed: dict[str, float]) -> None:
         state, cfg = self.state, self.cfg
-        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        grad_norm = self.grad_norm()
         mem = max_memory_gib(self.device)
         self.writer.line(
             f" iteration {state.iteration:8d}/{cfg.train_iters:8d} | consumed samples {state.consumed_samples:12d} | "
@@ -198,24 +213,34 @@ class Trainer:
             "train/tokens_per_sec": speed["tokens_per_sec"], "train/tflops_per_gpu": speed["tflops_per_gpu"],
             "train/mfu": speed["mfu"], "train/mem_max_allocated_gib": mem})
 
-    def validate(self) -> None:
+    def validate(self, split: str = "valid", label: str = "validation") -> None:
         cfg = self.cfg
-        loss = evaluate(self.engine, self.datasets["valid"], cfg.eval_iters, cfg.global_batch_size,
+        loss = evaluate(self.engine, self.datasets[split], cfg.eval_iters, cfg.global_batch_size,
                         cfg.micro_batch_size, self.device)
-        self.writer.line(f" validation at iteration {self.state.iteration} | lm loss {loss:.6E} | "
+        self.writer.line(f" {label} at iteration {self.state.iteration} | lm loss {loss:.6E} | "
                          f"lm loss PPL {perplexity(loss):.4f}")
-        self.writer.scalars(self.state.iteration, {"valid/loss": loss, "valid/ppl": perplexity(loss)})
+        self.writer.scalars(self.state.iteration, {f"{split}/loss": loss, f"{split}/ppl": perplexity(loss)})
+
+    def evaluate_only(self) -> None:
+        """``--skip-train``: the loaded weights on the validation and test splits, logged at the loaded iteration."""
+        for split, label in (("valid", "validation"), ("test", "test")):
+            if self.datasets[split] is None:
+                self.writer.line(f" {label} at iteration {self.state.iteration}: no {split} documents (--split)")
+            else:
+                self.validate(split, label)
+        self.writer.line(f"--skip-train: evaluated iteration {self.state.iteration}; no step taken, nothing saved")
 
     def save(self) -> None:
         save_checkpoint(self.engine, self.cfg.save, self.state, self.run.model, self.run.cli_args, self.cfg.keep_last)
         self.last_saved = self.state.iteration
 
-    def exit_reason(self, stop: StopSignal, started: float) -> str | None:
-        """Why to stop now, agreed by all ranks: a signal on any rank, the time budget, or --exit-interval."""
+    def exit_reason(self, stop: StopSignal, started: float, agree: DeferredAnyRank) -> str | None:
+        """Why to stop now, agreed by all ranks: a signal on any rank or the time budget (seen by all ranks one
+        iteration after the first saw it, so that no iteration waits on the GPU to agree), or --exit-interval."""
         cfg = self.cfg
         minutes = (time.time() - started) / 60
         out_of_time = bool(cfg.exit_duration_in_mins) and minutes >= cfg.exit_duration_in_mins
-        signalled, timed_out = any_rank([stop.received is not None, out_of_time], self.device)
+        signalled, timed_out = agree([stop.received is not None, out_of_time])
         if signalled:
             return "a stop signal" + (f" ({stop.received})" if stop.received else " on another rank")
         if timed_out:
