@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 from megatron_mobilellm.checkpoint_layout import read_checkpoint
-from megatron_mobilellm.convert.gguf_format import OUTTYPES, check_output, read_vocabulary, write_gguf
 from megatron_mobilellm.convert.hf_format import ExportError, read_hf
 from megatron_mobilellm.errors import ArgumentParser
 
@@ -53,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece model to embed (default for --hf: its tokenizer.model)")
     p.add_argument("--format", default="gguf", help=f"one of {', '.join(FORMATS)}")
-    p.add_argument("--outtype", default="f16", help=f"one of {', '.join(OUTTYPES)}")
+    p.add_argument("--outtype", default="f16", help="f32, f16, q8_0, or one of llama.cpp's quantizations "
+                   "(q4_0, q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k)")
     p.add_argument("--output", required=True, help="file to write")
     p.add_argument("--name", default=None, help="model name stored in the file (default: the output's stem)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"--verify: max |Δlogits| allowed (default {TOLERANCES}; other outtypes: report only)")
     args = p.parse_args(argv)
     try:
+        try:  # the writer needs the ondevice extra; --help and argument errors do not
+            from megatron_mobilellm.convert.gguf_format import check_output, read_vocabulary, write_gguf
+        except ModuleNotFoundError as e:
+            raise ExportError(f"GGUF export needs the {e.name} package: pip install -e '.[ondevice]' "
+                              "(--format gguf)") from None
         if args.format not in FORMATS:
             raise ExportError(f"format {args.format!r} is not supported; choose one of {', '.join(FORMATS)} "
                               f"(--format)")
