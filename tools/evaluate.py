@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_mobilellm.atomic import atomic_file
-from megatron_mobilellm.errors import ArgumentParser, EvaluationError
+from megatron_mobilellm.errors import ArgumentParser, EvaluationError, cli_main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -109,15 +109,12 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     return perplexity_summary(args, model, tokenizer)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_paths(args)
-        with tempfile.TemporaryDirectory(prefix="mobilellm-eval-") as scratch:
-            summary = run(args, Path(scratch))
-    except EvaluationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_paths(args)
+    with tempfile.TemporaryDirectory(prefix="mobilellm-eval-") as scratch:
+        summary = run(args, Path(scratch))
     if args.output is not None:
         with atomic_file(args.output) as f:
             json.dump(summary, f, indent=2)

@@ -35,7 +35,11 @@ class TaskSpec:
 
 
 def _lm_eval_tasks_dir() -> Path:
-    import lm_eval.tasks
+    try:
+        import lm_eval.tasks
+    except ModuleNotFoundError as e:  # the first use of lm-eval: say which extra brings it
+        raise EvaluationError(f"zero-shot tasks run in lm-evaluation-harness, but {e.name} is not installed: "
+                              "pip install -e '.[eval]' (--tasks)") from None
 
     return Path(lm_eval.tasks.__file__).parent
 
