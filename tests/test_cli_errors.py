@@ -113,18 +113,20 @@ def test_pretrain_refuses_another_model_or_zero_stage_before_loading(corpus, ckp
         in res.stderr and "Traceback" not in res.stderr
 
 
-def test_damaged_latest_or_manifest_falls_back_with_a_warning(corpus, ckpt, tmp_path):
-    for damage in ("latest", "manifest"):
-        load = copy_tree(ckpt / "ckpt", tmp_path / damage)
-        if damage == "latest":
-            (load / "latest").write_bytes(b"\x80\x04\x95\x00\xff")
-        else:
-            (load / "iter_0000002" / "manifest.json").write_text("[]")
-        res = run_pretrain(tiny_args(corpus, tmp_path, iters=3, zero=0, **{"--load": load, "--eval-iters": 0}))
-        warning = "does not name a checkpoint tag" if damage == "latest" else "unreadable manifest"
-        assert warning in res.stdout and "Traceback" not in res.stderr
-        resumed = "resumed from" in res.stdout
-        assert resumed == (damage == "latest"), res.stdout[-2000:]  # a damaged manifest leaves no complete one
+def test_damaged_latest_falls_back_and_a_damaged_manifest_stops(corpus, ckpt, tmp_path):
+    load = copy_tree(ckpt / "ckpt", tmp_path / "latest")
+    (load / "latest").write_bytes(b"\x80\x04\x95\x00\xff")
+    res = run_pretrain(tiny_args(corpus, tmp_path, iters=3, zero=0, **{"--load": load, "--eval-iters": 0}))
+    assert "does not name a checkpoint tag" in res.stdout and "resumed from" in res.stdout
+    assert "Traceback" not in res.stderr
+    load = copy_tree(ckpt / "ckpt", tmp_path / "manifest")
+    (load / "iter_0000002" / "manifest.json").write_text("[]")
+    res = run_pretrain(tiny_args(corpus, tmp_path, iters=3, zero=0, **{"--load": load, "--eval-iters": 0}),
+                       check=False)  # the only tag is damaged: an error naming it, never a silent fresh start
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert last.startswith("error: --load ") and "iter_0000002: unreadable manifest" in last
+    assert "--override-invalid-checkpoints" in last and (load / "iter_0000002").is_dir()
 
 
 def test_debug_switch_shows_the_traceback(ckpt):
