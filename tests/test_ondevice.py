@@ -28,7 +28,7 @@ gguf = optional("gguf", "pip install -e .[ondevice]")
 
 from megatron_mobilellm.convert import gguf_format  # noqa: E402  (needs gguf)
 from megatron_mobilellm.convert.gguf_format import read_vocabulary, write_gguf  # noqa: E402
-from megatron_mobilellm.convert.hf_format import read_hf, write_hf  # noqa: E402
+from megatron_mobilellm.convert.hf_format import ExportError, read_hf, write_hf  # noqa: E402
 from megatron_mobilellm.model import MobileLLM  # noqa: E402
 
 # max |Δlogits| against transformers with llama.cpp's KV cache in f32, so an f32 file must be exact up to rounding
@@ -223,7 +223,7 @@ def test_bad_input_one_line_exit_1_nothing_written(tmp_path, tokenizer, capsys):
         "--checkpoint needs --tokenizer-model": ["--checkpoint", tmp_path, "--output", out],
         "exists; pass --overwrite": ["--hf", hf, "--output", tmp_path / "exists.gguf"],
         "is not a GGUF file; refusing": ["--hf", hf, "--output", tmp_path / "exists.gguf", "--overwrite"],
-        "the model's vocabulary is 100": ["--hf", hf, "--output", out],
+        "config.json implies (100, ": ["--hf", hf, "--output", out],  # weights that disagree with their config
     }
     res = tool(*cases["is not a MobileLLM or Llama model"], check=False)  # the real process: exit status 1
     assert res.returncode == 1 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
@@ -232,7 +232,7 @@ def test_bad_input_one_line_exit_1_nothing_written(tmp_path, tokenizer, capsys):
     spec.loader.exec_module(cli)
     config = json.loads((hf / "config.json").read_text())
     for expected, args in cases.items():  # in this process: one torch import instead of one per case
-        if expected.startswith("the model's vocabulary"):  # a tokenizer larger than the model's embedding
+        if expected.startswith("config.json implies"):
             (hf / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
         assert cli.main(list(map(str, args))) == 1, expected
         captured = capsys.readouterr()
@@ -240,6 +240,8 @@ def test_bad_input_one_line_exit_1_nothing_written(tmp_path, tokenizer, capsys):
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (expected, captured.err)
         assert not captured.out and not out.parent.exists() and (tmp_path / "exists.gguf").read_bytes() == b"mine"
         assert not list(tmp_path.glob(".*tmp*"))
+    with pytest.raises(ExportError, match="the tokenizer has .* pieces but the model's vocabulary is 100"):
+        read_vocabulary(tokenizer, 100)  # a tokenizer larger than the model's embedding
 
 
 def test_checkpoint_export_and_llama_cpp_quantization(llama_cpp, tmp_path, tokenizer):

@@ -43,7 +43,7 @@ def test_zero3_matches_zero2(corpus, zero3_partitioned, tmp_path, untie):
         assert sorted(zero3[tag]) == sorted(zero2[tag]) == list(range(1, ITERS + 1)), tag
         for it, expected in zero2[tag].items():
             assert zero3[tag][it] == pytest.approx(expected, rel=1e-5), (tag, it)
-    assert zero2["train/loss"][ITERS] < zero2["train/loss"][1] - 0.3  # it trained, so the weights did move
+    assert zero2["train/loss"][ITERS] < zero2["train/loss"][1] - 0.1  # it trained, so the weights did move
 
 
 def test_zero3_config_leaf_modules_name_our_block():
