@@ -170,7 +170,7 @@ def profile(step, device: torch.device, trace: str | None) -> None:
     if trace:
         prof.export_chrome_trace(trace)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70))
 
 
 def add_ratios(rows: list[dict]) -> None:

@@ -272,3 +272,86 @@ def test_compiled_loss_chunk_matches_eager():
     closs, cgrad = compiled(logits, y, n, torch.float32, True)
     assert torch.allclose(loss, closs, rtol=1e-6) and torch.allclose(grad, cgrad, atol=1e-7)
     assert torch.all(grad[[1, 7]] == 0)
+
+
+def _reference_fa4_kernels():
+    """FlashAttention-4's kernel contract ((b, s, h, d) layout, log-sum-exp saved for backward) in plain fp32."""
+
+    def scores(q, k):  # (b, h, s, s), causal; k repeated over each group's query heads
+        qh, kh = q.transpose(1, 2).float(), k.transpose(1, 2).float()
+        kh = kh.repeat_interleave(qh.shape[1] // kh.shape[1], 1)
+        s = qh @ kh.transpose(-2, -1) / qh.shape[-1] ** 0.5
+        return s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+
+    def heads(t, rep):  # (b, s, g, d) → (b, h, s, d)
+        return t.transpose(1, 2).float().repeat_interleave(rep, 1)
+
+    def fwd(q, k, v):
+        s = scores(q, k)
+        out = torch.softmax(s, -1) @ heads(v, q.shape[2] // v.shape[2])
+        return out.transpose(1, 2).to(q.dtype), torch.logsumexp(s, -1)
+
+    def bwd(q, k, v, out, dout, lse):
+        rep, scale = q.shape[2] // k.shape[2], q.shape[-1] ** -0.5
+        p = torch.exp(scores(q, k) - lse[..., None])  # the probabilities, rebuilt from the log-sum-exp
+        do, o = heads(dout, 1), heads(out, 1)
+        ds = p * (do @ heads(v, rep).transpose(-2, -1) - (do * o).sum(-1, keepdim=True))
+        dq = ds @ heads(k, rep) * scale
+        dk, dv = ds.transpose(-2, -1) @ heads(q, 1) * scale, p.transpose(-2, -1) @ do
+
+        def grouped(t, like):  # (b, h, s, d) → (b, s, g, d), summing each group's query heads
+            b, h, s, d = t.shape
+            return t.view(b, h // rep, rep, s, d).sum(2).transpose(1, 2).to(like.dtype)
+
+        return dq.transpose(1, 2).to(q.dtype), grouped(dk, k), grouped(dv, v)
+
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def test_fa4_custom_ops_match_eager_and_compile_without_graph_breaks(monkeypatch):
+    """The FlashAttention-4 wrapper (custom ops + autograd + fakes) on CPU, its kernels replaced by a reference."""
+    from megatron_mobilellm.model import fa4
+
+    monkeypatch.setattr(fa4, "kernels", _reference_fa4_kernels())
+    q, k, v = qkv()
+    ref = attention(q, k, v, "eager")
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for fn in (attention, torch.compile(attention, fullgraph=True)):
+        out = fn(q, k, v, "fa4")
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-5
+        for a, b in zip(grads, ref_grads):
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-4
+    torch.library.opcheck(torch.ops.mobilellm.fa4_fwd.default, (q.transpose(1, 2), k.transpose(1, 2),
+                                                                  v.transpose(1, 2)))
+
+
+def test_fa4_model_path_matches_sdpa(monkeypatch):
+    """The model's (b, s, h, d) RoPE layout for FlashAttention kernels gives the SDPA path's loss and gradients."""
+    from megatron_mobilellm.model import fa4
+
+    monkeypatch.setattr(fa4, "kernels", _reference_fa4_kernels())
+    ids, labels = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+    models = [tiny_model(), tiny_model()]
+    models[1].load_state_dict(models[0].state_dict())
+    models[1].attention_backend = "fa4"
+    monkeypatch.setattr("megatron_mobilellm.model.transformer.resolve_backend", lambda backend, device: backend)
+    losses = [m(ids, labels) for m in models]
+    for loss in losses:
+        loss.backward()
+    assert abs(losses[0].item() - losses[1].item()) <= 1e-5
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_fa4_backend_is_refused_where_it_cannot_run(monkeypatch):
+    from megatron_mobilellm.model import attention as attention_module
+    from megatron_mobilellm.model import fa4
+
+    monkeypatch.setattr(fa4, "AVAILABLE", False)
+    with pytest.raises(RuntimeError, match="flash-attn-4"):
+        attention_module.resolve_backend("fa4", torch.device("cpu"))
+    monkeypatch.setattr(fa4, "AVAILABLE", True)
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        attention_module.resolve_backend("fa4", torch.device("cpu"))
+    assert attention_module.resolve_backend("auto", torch.device("cpu")) == "sdpa"

@@ -14,6 +14,22 @@ from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter, token_
 from megatron_mobilellm.errors import ArgumentParser
 
 
+def markov_tokens(rng: np.random.Generator, vocab: int, n: int, successors: int = 64,
+                  zipf: float = 1.1) -> np.ndarray:
+    """A first-order Markov chain: each token has ``successors`` fixed random successors, drawn with Zipfian
+    weights (rank r with weight r^-zipf). A model learns it gradually (frequent transitions first), so its loss
+    falls smoothly from ln V toward the chain's conditional entropy, with no plateau whose end amplifies noise."""
+    table = rng.integers(0, vocab, size=(vocab, successors)).ravel().tolist()
+    weights = np.arange(1, successors + 1, dtype=np.float64) ** -zipf
+    ranks = np.searchsorted(np.cumsum(weights / weights.sum()), rng.random(n), side="right")
+    ranks = np.minimum(ranks, successors - 1).tolist()
+    out, token = [0] * n, int(rng.integers(vocab))
+    for i, r in enumerate(ranks):
+        token = table[token * successors + r]
+        out[i] = token
+    return np.asarray(out, dtype=np.int64)
+
+
 def main() -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-prefix", required=True)
@@ -21,15 +37,19 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--mean-doc-length", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kind", choices=["random", "progressions"], default="random",
-                   help="random tokens (loss stays at ln V; for speed) or learnable arithmetic progressions "
-                        "(loss falls; for comparing loss curves)")
+    p.add_argument("--kind", choices=["random", "progressions", "markov"], default="random",
+                   help="random tokens (loss stays at ln V; for speed), learnable arithmetic progressions (loss "
+                        "plateaus, then drops suddenly), or a Zipfian Markov chain (loss falls smoothly; for "
+                        "comparing loss curves)")
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     lengths = rng.integers(1, 2 * args.mean_doc_length, size=args.tokens // args.mean_doc_length + 1)
     lengths = lengths[:np.searchsorted(np.cumsum(lengths), args.tokens) + 1]
+    n = int(lengths.sum())
     if args.kind == "random":
-        tokens = rng.integers(0, args.vocab_size, size=int(lengths.sum()))
+        tokens = rng.integers(0, args.vocab_size, size=n)
+    elif args.kind == "markov":
+        tokens = markov_tokens(rng, args.vocab_size, n)
     else:  # each document counts from a random start with a random small step, modulo the vocabulary
         doc = np.repeat(np.arange(len(lengths)), lengths)
         pos = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_mobilellm.config import ModelConfig
+from megatron_mobilellm.model import fa4
 
 try:  # optional accelerator; PyTorch's SDPA is the default path
     from flash_attn import flash_attn_func
@@ -24,7 +25,9 @@ except ImportError:
     flash_attn_func = None
     FLASH_ATTN_AVAILABLE = False
 
-BACKENDS = ("auto", "flash_attn", "cudnn", "sdpa", "eager")
+BACKENDS = ("auto", "flash_attn", "fa4", "cudnn", "sdpa", "eager")
+# Kernels that take (b, s, heads, d): RoPE writes that layout for them directly instead of a transposed copy.
+SEQUENCE_MAJOR = ("flash_attn", "fa4")
 
 
 def check_backend_name(backend: str) -> None:
@@ -37,13 +40,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     check_backend_name(backend)
     if backend == "flash_attn" and not FLASH_ATTN_AVAILABLE:
         raise RuntimeError("--attention-backend flash_attn requested but the flash_attn package does not import")
+    if backend == "fa4" and not fa4.AVAILABLE:
+        raise RuntimeError("--attention-backend fa4 requested but flash-attn-4 (flash_attn.cute) does not import")
+    if backend == "fa4" and device.type != "cuda":
+        raise RuntimeError("--attention-backend fa4 needs a CUDA device")
     if backend == "cudnn" and device.type != "cuda":
         raise RuntimeError("--attention-backend cudnn needs a CUDA device")
     if backend == "auto":
         if device.type != "cuda":
             return "sdpa"
         # cuDNN's fused attention measured ~1.5x FlashAttention-2 (SDPA's default pick) for head_dim 64 with GQA
-        # on H200; flash_attn, when installed, is preferred only if cuDNN attention is unavailable.
+        # on H200; flash_attn, when installed, is preferred only if cuDNN attention is unavailable. fa4 is only
+        # ever an explicit choice (see docs/performance.md for how it measured).
         if _cudnn_attention_available():
             return "cudnn"
         return "flash_attn" if FLASH_ATTN_AVAILABLE else "sdpa"
@@ -80,7 +88,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (b, heads, s, d); cos/sin: (s, d)."""
+    """x: (b, heads, s, d) with cos/sin (s, d), or x: (b, s, heads, d) with cos/sin (s, 1, d)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -100,8 +108,9 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     """Causal GQA attention. q: (b, heads, s, d), k/v: (b, groups, s, d) → (b, s, heads * d)."""
     b, _, s, _ = q.shape
-    if backend == "flash_attn":
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # (b, s, h, d)
+    if backend in SEQUENCE_MAJOR:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, s, h, d)
+        out = flash_attn_func(q, k, v, causal=True) if backend == "flash_attn" else fa4.flash_attention_4(q, k, v)
         return out.reshape(b, s, -1)
     if backend == "cudnn":
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
@@ -131,9 +140,13 @@ class SelfAttention(nn.Module):
         b, s, _ = x.shape
         per_group = self.num_heads // self.num_groups
         qkv = self.linear_qkv(x).view(b, s, self.num_groups, per_group + 2, self.head_dim)
-        q = qkv[:, :, :, :per_group].reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, s, d)
-        k = qkv[:, :, :, per_group].transpose(1, 2)  # (b, g, s, d)
-        v = qkv[:, :, :, per_group + 1].transpose(1, 2)  # (b, g, s, d)
+        q = qkv[:, :, :, :per_group].reshape(b, s, self.num_heads, self.head_dim)  # (b, s, h, d)
+        k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]  # (b, s, g, d)
         cos, sin = rotary_pos_emb
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.linear_proj(attention(q, k, v.contiguous(), attention_backend))
+        if attention_backend in SEQUENCE_MAJOR:  # rotate in (b, s, h, d); attention() gets (b, h, s, d) views
+            q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.contiguous().transpose(1, 2)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).contiguous()
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.linear_proj(attention(q, k, v, attention_backend))
