@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_mobilellm.model import triton_kernels
+
 IGNORE_INDEX = -100
 
 
@@ -33,11 +35,16 @@ _compiled_chunk = None
 
 
 def _chunk_loss_and_grad(logits, y, n_valid, acc_dtype, compute_grad):
-    """On CUDA the chunk's elementwise work (upcast, softmax, one-hot, scale, downcast) is compiled into one or two
-    passes over the ``[chunk, vocab]`` logits instead of about eight."""
+    """On CUDA the chunk's elementwise work (upcast, softmax, one-hot, scale, downcast) runs as one Triton kernel
+    that reads the ``[chunk, vocab]`` logits twice and overwrites them with their gradient (inductor's version of
+    the same maths made three passes at about a third of memory bandwidth: ~21 of 182 ms per step at 125M micro-
+    batch 32); without Triton it is compiled, and off CUDA it runs eagerly."""
     global _compiled_chunk
     if not logits.is_cuda:
         return _chunk_loss_and_grad_eager(logits, y, n_valid, acc_dtype, compute_grad)
+    if triton_kernels.AVAILABLE and acc_dtype == torch.float32:
+        losses = triton_kernels.cross_entropy_(logits, y, (1.0 / n_valid).reshape(1), IGNORE_INDEX, compute_grad)
+        return losses.sum(), (logits if compute_grad else None)
     if _compiled_chunk is None:
         _compiled_chunk = torch.compile(_chunk_loss_and_grad_eager, dynamic=False)
     return _compiled_chunk(logits, y, n_valid, acc_dtype, compute_grad)

@@ -62,3 +62,50 @@ def swiglu_bwd(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     dx = torch.empty_like(x)
     _swiglu_bwd_kernel[_grid(rows, n_cols)](x, grad_out, dx, n_cols, BLOCK=_BLOCK)
     return dx
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _cross_entropy_kernel(logits_ptr, stride, labels_ptr, loss_ptr, scale_ptr, n_cols, ignore_index,
+                              BLOCK: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
+        """One row: its loss (lse − target logit) and, in place of the logits, d(mean loss)/d(logits)."""
+        row = tl.program_id(0).to(tl.int64)
+        ptr = logits_ptr + row * stride
+        y = tl.load(labels_ptr + row)
+        # One read for the log-sum-exp: per-lane running max and rescaled sum, combined at the end.
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        for off in range(0, n_cols, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            x = tl.load(ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes that saw only padding stay 0, not NaN
+            s = s * tl.exp(m - shift) + tl.exp(x - shift)
+            m = m_new
+        row_max = tl.max(m, 0)
+        lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), 0))
+        valid = y != ignore_index
+        target = tl.load(ptr + tl.where(valid, y, 0)).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
+        if COMPUTE_GRAD:  # softmax − one-hot, scaled by 1/n_valid (0 on ignored rows); a second read, one write
+            scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+            for off in range(0, n_cols, BLOCK):
+                cols = off + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)
+                tl.store(ptr + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, inv_n_valid: torch.Tensor, ignore_index: int,
+                   compute_grad: bool) -> torch.Tensor:
+    """Per-row losses (fp32) of ``logits`` (rows, vocab) against ``labels``; with ``compute_grad`` the logits are
+    overwritten by the gradient of the mean loss, ``inv_n_valid`` (a 1-element fp32 tensor, so no host sync)
+    being 1/number of non-ignored labels over all chunks."""
+    assert logits.stride(-1) == 1
+    rows, n_cols = logits.shape
+    losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    _cross_entropy_kernel[(rows,)](logits, logits.stride(0), labels, losses, inv_n_valid, n_cols, ignore_index,
+                                   BLOCK=_BLOCK, COMPUTE_GRAD=compute_grad, num_warps=8)
+    return losses
