@@ -345,15 +345,22 @@ def test_fa4_model_path_matches_sdpa(monkeypatch):
 
 
 def test_fa4_backend_is_refused_where_it_cannot_run(monkeypatch):
+    """A user error (one ``error:`` line from the CLIs), naming the flag, not a traceback."""
+    from megatron_mobilellm.errors import ConfigError
     from megatron_mobilellm.model import attention as attention_module
     from megatron_mobilellm.model import fa4
 
     monkeypatch.setattr(fa4, "AVAILABLE", False)
-    with pytest.raises(RuntimeError, match="flash-attn-4"):
+    with pytest.raises(ConfigError, match=r"flash-attn-4 .*\(--attention-backend fa4\)"):
         attention_module.resolve_backend("fa4", torch.device("cpu"))
     monkeypatch.setattr(fa4, "AVAILABLE", True)
-    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+    with pytest.raises(ConfigError, match="needs a Hopper or newer CUDA device"):
         attention_module.resolve_backend("fa4", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    with pytest.raises(ConfigError, match="needs a Hopper or newer CUDA device"):
+        attention_module.resolve_backend("fa4", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert attention_module.resolve_backend("fa4", torch.device("cuda", 0)) == "fa4"
     assert attention_module.resolve_backend("auto", torch.device("cpu")) == "sdpa"
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_mobilellm.config import ModelConfig
+from megatron_mobilellm.errors import ConfigError
 from megatron_mobilellm.model import fa4
 
 try:  # optional accelerator; PyTorch's SDPA is the default path
@@ -39,13 +40,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``auto`` to the fastest kernel usable on ``device``; reject unusable explicit choices."""
     check_backend_name(backend)
     if backend == "flash_attn" and not FLASH_ATTN_AVAILABLE:
-        raise RuntimeError("--attention-backend flash_attn requested but the flash_attn package does not import")
+        raise ConfigError("the flash_attn package does not import (--attention-backend flash_attn)")
     if backend == "fa4" and not fa4.AVAILABLE:
-        raise RuntimeError("--attention-backend fa4 requested but flash-attn-4 (flash_attn.cute) does not import")
-    if backend == "fa4" and device.type != "cuda":
-        raise RuntimeError("--attention-backend fa4 needs a CUDA device")
+        raise ConfigError("flash-attn-4 (flash_attn.cute) does not import; pip install '.[fa4]' "
+                          "(--attention-backend fa4)")
+    if backend == "fa4" and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
+        raise ConfigError("FlashAttention-4 needs a Hopper or newer CUDA device (--attention-backend fa4)")
     if backend == "cudnn" and device.type != "cuda":
-        raise RuntimeError("--attention-backend cudnn needs a CUDA device")
+        raise ConfigError("cuDNN attention needs a CUDA device (--attention-backend cudnn)")
     if backend == "auto":
         if device.type != "cuda":
             return "sdpa"
