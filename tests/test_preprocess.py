@@ -473,6 +473,46 @@ def test_disk_full_on_tmpfs_is_one_line_and_keeps_old_dataset(tmp_path, small_tm
     assert shutil.disk_usage(small_tmpfs).used < 64 << 10
 
 
+# Runs a tool (the second argument) that sends itself SIGTERM right after its first call of ``os.<first argument>``:
+# fsync, the last step before the commit, or replace, the commit's first rename (the new .bin in place, not the .idx).
+_STOP_AFTER = """
+import os, runpy, signal, sys
+name = sys.argv.pop(1)
+call = getattr(os, name)
+
+def call_and_stop(*args):
+    call(*args)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+setattr(os, name, call_and_stop)
+sys.argv[0] = sys.argv.pop(1)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("tool", ["preprocess_jsonl", "merge_datasets"])
+@pytest.mark.parametrize("when", ["fsync", "replace"])
+def test_sigterm_during_the_commit_never_leaves_half_a_dataset(tmp_path, tool, when):
+    """SIGTERM (docker stop) as the output is renamed into place: the prefix holds the whole old dataset or the whole
+    new one, never a new .bin beside the old .idx, and the one line says which."""
+    src = _docs_jsonl(tmp_path / "in.jsonl", 3, tokens=10)
+    run_tool("--input", src, "--output-prefix", tmp_path / "a")
+    inputs = [src] if tool == "preprocess_jsonl" else [tmp_path / "a", tmp_path / "a"]
+    out = tmp_path / "out"
+    before = _old_dataset(out / "x")
+    res = subprocess.run([sys.executable, "-c", _STOP_AFTER, when, str(ROOT / "tools" / f"{tool}.py"),
+                          "--no-progress", "--input", *map(str, inputs), "--output-prefix", str(out / "x")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    done = "nothing written" if when == "fsync" else "already written in full"
+    assert (res.returncode, res.stderr) == (130, f"error: interrupted; {done} ({out / 'x'})\n")
+    if when == "fsync":
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    else:
+        assert sorted(p.name for p in out.iterdir()) == ["x.bin", "x.idx"]
+        ds = IndexedDataset(out / "x")
+        assert [ds[i].tolist() for i in range(len(ds))] == [list(range(10))] * 3 * len(inputs)
+
+
 @pytest.mark.parametrize("where", ["bin", "idx", "fsync"])
 def test_fake_disk_full_at_each_write(tmp_path, monkeypatch, capsys, where):
     """ENOSPC raised at each write step in-process (runs everywhere, no mount needed)."""
