@@ -400,6 +400,25 @@ def test_ctrl_c_and_sigterm_exit_cleanly(launch, sig, to, workers):
     assert _gone(workers)
 
 
+def _square_or_die(x: int) -> int:
+    if x == 7:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+    time.sleep(0.002 * (x % 3))  # uneven work: results are ready out of order
+    return x * x
+
+
+def test_worker_pool_keeps_input_order_and_names_what_a_dead_worker_held():
+    import multiprocessing
+
+    from megatron_mobilellm.data.worker_pool import WorkerDied, imap_ordered
+    assert list(imap_ordered(abs, range(0, -60, -1), 3)) == list(range(60))
+    assert list(imap_ordered(_square_or_die, range(7), 3)) == [x * x for x in range(7)]
+    with pytest.raises(WorkerDied) as died:
+        list(imap_ordered(_square_or_die, range(60), 3))
+    assert died.value.item == 7  # not an earlier item of that worker whose result was sent but not yet read
+    assert multiprocessing.active_children() == []
+
+
 def test_worker_exception_reaches_the_caller_and_no_worker_is_left(tmp_path, monkeypatch):
     """A bug in parsing (not bad input) raised in a worker is raised in the main process, saying where it was."""
     import multiprocessing
@@ -416,7 +435,8 @@ def test_worker_exception_reaches_the_caller_and_no_worker_is_left(tmp_path, mon
     with pytest.raises(ZeroDivisionError, match="a bug") as raised:
         preprocess_module.preprocess([str(_docs_jsonl(tmp_path / "in.jsonl", 50))], str(tmp_path / "x"),
                                      preprocess_module.Options(), workers=2, chunk_bytes=20_000, progress=False)
-    assert "raised in a preprocess worker" in "".join(raised.value.__notes__)
+    notes = "".join(raised.value.__notes__)
+    assert notes.startswith("raised in a worker process:") and "in parse_or_fail" in notes
     assert multiprocessing.active_children() == []
     assert list(tmp_path.iterdir()) == [tmp_path / "in.jsonl"]
 

@@ -11,32 +11,24 @@ parsed by numpy's C parser, and the rest of the object is validated by orjson. I
 plain ``orjson.loads`` path (``parse_ids_slow``) accepts with the same ids; any doubt sends the line there, which
 is also what produces the error messages, so both paths give the same result or the same error on every line.
 
-Workers run under a pool that notices a dead worker, die with the main process, and leave Ctrl-C to it; every
-failure leaves nothing behind (see ``IndexedDatasetWriter``).
+Workers run under a pool that no worker's death, the main process's death or Ctrl-C can hang
+(``worker_pool.imap_ordered``); every failure leaves nothing behind (see ``IndexedDatasetWriter``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import fnmatch
 import gzip
 import io
 import os
-import queue
 import re
-import signal
 import stat
 import sys
-import threading
 import time
-import traceback
 import zlib
-from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
-from multiprocessing import get_all_start_methods, get_context
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -45,11 +37,11 @@ import orjson
 from tqdm import tqdm
 
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter, token_dtype
+from megatron_mobilellm.data.worker_pool import WorkerDied, imap_ordered
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 _JSON_WS = b" \t\r\n"
 _SEPARATORS = b"," + _JSON_WS
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _MAGIC = re.compile(r"[*?[]")  # what makes a path component a glob pattern (as in the glob module)
 
 
@@ -336,21 +328,9 @@ def parse_ids_slow(line: bytes, key: str, vocab_size: int) -> np.ndarray:
 _tokenizer = None
 
 
-def _init_worker(opts: Options, parent_pid: int | None = None) -> None:
-    """Per-process setup; in pool workers (``parent_pid`` given) also their signal behaviour: Ctrl-C and SIGTERM
-    are the main process's to handle (it stops the pool, however they were sent: to the process group by a
-    terminal or ``timeout``, or to the main process alone by a scheduler), and a worker dies with the main
-    process, even on kill -9, instead of waiting for work forever."""
+def _init_worker(opts: Options) -> None:
+    """Per-process setup (in each pool worker, or in the main process with one worker): the tokenizer."""
     global _tokenizer
-    if parent_pid is not None:
-        stop_signals = {signal.SIGINT, signal.SIGTERM}
-        for sig in stop_signals:
-            signal.signal(sig, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)  # blocked by the pool while this process started
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the main process died before the line above took effect
-            os._exit(1)
     if opts.tokenizer_model:
         import sentencepiece
 
@@ -416,149 +396,10 @@ def _parse_in_order(chunks: Iterator[Chunk], opts: Options, workers: int) -> Ite
         _init_worker(opts)
         yield from (process_chunk(c, opts) for c in chunks)
         return
-    with _WorkerPool(workers, opts) as pool:
-        for chunk in chunks:
-            if pool.in_flight == 2 * workers:
-                yield pool.next_result()
-            pool.submit(chunk)
-        while pool.in_flight:
-            yield pool.next_result()
-
-
-@dataclass
-class _Worker:
-    process: BaseProcess
-    tasks: Connection  # main → worker; the feeder thread's once it starts (it sends, and closes it)
-    results: Connection  # worker → main
-    outbox: queue.SimpleQueue  # chunks for the feeder thread to send; None ends it
-    feeder: threading.Thread
-    pending: deque[Chunk] = field(default_factory=deque)  # sent, result not read yet; the oldest is being parsed
-
-
-class _WorkerPool:
-    """Parser processes, each with its own pair of pipes; chunks go round-robin, so results come back in input
-    order by reading the workers in turn.
-
-    Not ``ProcessPoolExecutor``: its workers share one result pipe under one lock, and a worker killed while
-    sending a result leaves the lock held and half a message that the executor's thread then waits on forever
-    (the other worker waits on the lock, the main process on its future: issue 15's hang). Here no process shares
-    a pipe end that another one waits on, so a worker's death is end-of-file on its pipes and its process
-    sentinel, and the main thread waits on nothing else. Each worker's chunks are sent by a thread of its own,
-    so the main thread never blocks on a worker that is busy, or blocked sending an earlier result back.
-    """
-
-    def __init__(self, workers: int, opts: Options):
-        # fork: workers start in milliseconds and need not re-import the caller's __main__.
-        ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
-        self.workers: list[_Worker] = []
-        self._order: deque[_Worker] = deque()  # who holds each chunk in flight, in input order
-        self._submitted = 0
-        stop_signals = {signal.SIGINT, signal.SIGTERM}
-        try:
-            # Ctrl-C waits while a worker starts, so none sees it before it has chosen to ignore it.
-            signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-            try:
-                for _ in range(workers):
-                    task_reader, task_writer = ctx.Pipe(duplex=False)
-                    result_reader, result_writer = ctx.Pipe(duplex=False)
-                    # The child closes the main process's pipe ends it inherits, so each pipe end lives in one
-                    # process only and a worker sees end-of-file on its chunks when the main process dies.
-                    main_ends = [end for w in self.workers for end in (w.tasks, w.results)] + [task_writer,
-                                                                                                result_reader]
-                    process = ctx.Process(target=_work, args=(task_reader, result_writer, opts, os.getpid(),
-                                                              main_ends), daemon=True)
-                    process.start()
-                    task_reader.close()
-                    result_writer.close()
-                    outbox = queue.SimpleQueue()
-                    self.workers.append(_Worker(process, task_writer, result_reader, outbox,
-                                                threading.Thread(target=_feed, args=(task_writer, outbox),
-                                                                 daemon=True)))
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
-            for w in self.workers:  # threads only after the last fork, which copies no thread but the caller
-                w.feeder.start()
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._order)
-
-    def submit(self, chunk: Chunk) -> None:
-        """Hand ``chunk`` to the next worker in turn; never blocks (at most two chunks per worker are queued)."""
-        worker = self.workers[self._submitted % len(self.workers)]
-        self._submitted += 1
-        worker.pending.append(chunk)
-        worker.outbox.put(chunk)
-        self._order.append(worker)
-
-    def next_result(self) -> ChunkResult:
-        """The oldest chunk's result; PreprocessError naming the chunk a worker held if any worker has died."""
-        worker = self._order[0]
-        sentinels = {w.process.sentinel: w for w in self.workers}
-        ready = wait([worker.results, *sentinels])
-        dead = next((sentinels[s] for s in ready if s in sentinels), None)
-        if dead is not None:
-            raise _worker_died((dead.pending or worker.pending)[0])
-        try:
-            result = worker.results.recv()
-        except (EOFError, OSError):  # it died mid-message, before its sentinel showed
-            raise _worker_died(worker.pending[0]) from None
-        self._order.popleft()
-        worker.pending.popleft()
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def close(self) -> None:
-        """Kill the workers (they hold nothing: every result is read, or no longer wanted) and reap them; the
-        feeder threads then end, on the None or on the broken pipe, and close their pipes themselves."""
-        for w in self.workers:
-            w.outbox.put(None)
-            w.process.kill()
-        for w in self.workers:
-            w.process.join()
-            if w.feeder.ident is None:  # never started (an error while starting the pool)
-                w.tasks.close()
-            else:
-                w.feeder.join()
-            w.results.close()
-
-    def __enter__(self) -> _WorkerPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _feed(tasks: Connection, outbox: queue.SimpleQueue) -> None:
-    """A feeder thread: sends one worker its chunks until told to stop or the worker is gone."""
-    with tasks:
-        try:
-            while (chunk := outbox.get()) is not None:
-                tasks.send(chunk)
-        except OSError:  # the worker died; the main thread learns of it from the worker's sentinel
-            pass
-
-
-def _work(tasks: Connection, results: Connection, opts: Options, parent_pid: int, main_ends: list[Connection]) -> None:
-    """A worker process: parses each chunk that arrives and sends back its result, or the exception it raised."""
-    for conn in main_ends:
-        conn.close()
-    _init_worker(opts, parent_pid)
     try:
-        while True:
-            chunk = tasks.recv()
-            try:
-                result = process_chunk(chunk, opts)
-            except Exception as e:  # a bug or MemoryError: the main process raises it, with where it happened
-                e.add_note(f"raised in a preprocess worker:\n{traceback.format_exc().rstrip()}")
-                result = e
-            results.send(result)
-    except (EOFError, OSError):  # the main process closed our pipes: it is done, or gone
-        pass
+        yield from imap_ordered(partial(process_chunk, opts=opts), chunks, workers, partial(_init_worker, opts))
+    except WorkerDied as e:
+        raise _worker_died(e.item) from None
 
 
 def _worker_died(chunk: Chunk) -> PreprocessError:
