@@ -402,9 +402,12 @@ def _parse_in_order(chunks: Iterator[Chunk], opts: Options, workers: int) -> Ite
         raise _worker_died(e.item) from None
 
 
-def _worker_died(chunk: Chunk) -> PreprocessError:
+def _worker_died(chunk: Chunk | None) -> PreprocessError:
+    hint = "(out of memory? try fewer --workers or a smaller --chunk-size-mb)"
+    if chunk is None:  # it died before it was given any work
+        return PreprocessError(f"a worker process died {hint}")
     return PreprocessError(f"{chunk.path}:{chunk.first_line}: a worker process died parsing the chunk from this line "
-                           "(out of memory? try fewer --workers or a smaller --chunk-size-mb)")
+                           + hint)
 
 
 def preprocess(inputs: list[str], output_prefix: str, opts: Options, workers: int = 1,

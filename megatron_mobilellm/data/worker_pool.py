@@ -42,9 +42,9 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class WorkerDied(RuntimeError):
-    """A worker process died (killed: the OOM killer, kill -9) while holding ``item``."""
+    """A worker process died (killed: the OOM killer, kill -9) while holding ``item`` (None: it held none)."""
 
-    def __init__(self, item: Any, exitcode: int | None):
+    def __init__(self, item: Any | None, exitcode: int | None):
         super().__init__(f"a worker process died (exit code {exitcode})")
         self.item = item
 
@@ -143,17 +143,19 @@ class OrderedPool(Generic[T, R]):
             raise result.error
         return result
 
-    def _died(self, worker: _Worker) -> WorkerDied:
-        """WorkerDied naming the item ``worker`` was working on: the oldest whose result it never sent (the oldest
-        in flight if it died idle)."""
+    @staticmethod
+    def _died(worker: _Worker) -> WorkerDied:
+        """WorkerDied naming the item ``worker`` was working on: the oldest whose result it never sent, else (it
+        died idle) the last it was given, else None."""
         worker.process.join()
+        item = None
         while worker.pending and worker.results.poll():  # results sent before it died; never blocks, it is gone
             try:
                 worker.results.recv()
             except (EOFError, OSError):
                 break
-            worker.pending.popleft()
-        return WorkerDied((worker.pending or self._order[0].pending)[0], worker.process.exitcode)
+            item = worker.pending.popleft()
+        return WorkerDied(worker.pending[0] if worker.pending else item, worker.process.exitcode)
 
     def close(self) -> None:
         """Kill the workers (they hold nothing: every result is read, or no longer wanted) and reap them; the
