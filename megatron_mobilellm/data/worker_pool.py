@@ -10,7 +10,7 @@ the surviving workers wait forever for the lock, and the main process waits fore
 
 - each worker has a pipe of its own each way, and every pipe end lives in exactly one process, so a worker's death
   is end-of-file on its pipes and its process sentinel fires: the main thread waits on nothing else;
-- chunks are sent by one thread per worker, so the main thread never blocks on a worker that is busy, or itself
+- items are sent by one thread per worker, so the main thread never blocks on a worker that is busy, or itself
   blocked sending an earlier result back;
 - workers ignore Ctrl-C and SIGTERM (the main process handles them, then kills the pool), and die with the main
   process (``PR_SET_PDEATHSIG``; elsewhere on end-of-file of their input pipe);
