@@ -1,7 +1,8 @@
 """Write files and directories so that readers see either nothing or the complete result.
 
 Everything is written under a temporary name beside the target and renamed into place at the end (a rename is
-atomic within a filesystem); on an error the temporary is removed.
+atomic within a filesystem); on an error the temporary is removed. Ctrl-C or SIGTERM during the renaming takes
+effect once it is done, so a commit of several renames never stops half-way.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import errno
 import glob
 import os
 import shutil
+import signal
+import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -40,6 +43,28 @@ def _running(pid: int) -> bool:
 
 
 @contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive inside the block are delivered at its end, to the handlers they would have
+    met: a commit must not stop between its renames (a new ``.bin`` beside the old ``.idx``, or the old directory
+    deleted and the new one not yet in place)."""
+    if threading.current_thread() is not threading.main_thread():  # Python runs handlers in the main thread only
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # None: not Python's
+    for sig in previous:
+        signal.signal(sig, lambda received, frame: caught.append(received))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in caught:
+            signal.raise_signal(sig)
+
+
+@contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """An open file that becomes ``path`` (flushed to disk) only when the block completes."""
     with atomic_files([path], mode) as (f,):
@@ -59,8 +84,9 @@ def atomic_files(paths: list[str | Path], mode: str = "wb") -> Iterator[list[IO]
             for f in files:
                 f.flush()
                 os.fsync(f.fileno())
-        for tmp, path in zip(tmps, paths):
-            os.replace(tmp, path)
+        with _stop_signals_deferred():
+            for tmp, path in zip(tmps, paths):
+                os.replace(tmp, path)
     except BaseException:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
@@ -104,9 +130,10 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with _stop_signals_deferred():
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -250,36 +250,67 @@ def test_fast_path_traps(line, reason):
 
 # --- the worker pool under faults: a worker killed, the main process killed, Ctrl-C ---------------------------------
 
-def _slow_input(path: Path) -> Path:
-    """A .jsonl.gz that reads in a moment but takes the workers long to parse (~200 MB of rows as gzip members)."""
-    row = json.dumps({"token_ids": list(range(2000, 4049)), "source": "web"}) + "\n"
-    member = gzip.compress((row * 100).encode(), compresslevel=1)
-    path.write_bytes(member * 150)
+def _long_input(path: Path) -> Path:
+    """A .jsonl.gz that reads in a moment but takes minutes to parse (5 GB of rows in 6 MB of gzip members), so the
+    tool is mid-run whenever a test strikes, however fast or loaded the machine."""
+    row = json.dumps({"token_ids": [5] * 2049, "source": "web"}) + "\n"
+    path.write_bytes(gzip.compress((row * 1600).encode(), compresslevel=9) * 500)
     return path
 
 
-def _start(tmp_path, workers: int, *args):
-    """The tool started on a slow input; returns once its worker processes (if any) are parsing."""
+@pytest.fixture
+def launch(tmp_path):
+    """Starts the tool (``launch(workers, *flags)``) on a long input, writing to ``out/x`` where an old dataset
+    stands; returns once its workers, if any, are parsing. Whatever is left of it is killed at the end."""
     import psutil
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "x.bin").write_bytes(b"old")  # an existing dataset at the prefix must survive every failure
-    (out / "x.idx").write_bytes(b"old")
-    proc = subprocess.Popen([sys.executable, str(TOOL), "--no-progress", "--input",
-                             str(_slow_input(tmp_path / "in.jsonl.gz")), "--output-prefix", str(out / "x"),
-                             "--workers", str(workers), *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    expected = workers if workers > 1 else 0
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None and (
-            len(psutil.Process(proc.pid).children()) < expected or not list(out.glob(".x.bin.tmp*"))):
-        time.sleep(0.05)
-    children = psutil.Process(proc.pid).children() if proc.poll() is None else None
-    if children is None or len(children) != expected:
-        proc.kill()
-        pytest.fail(f"the run did not get going: {proc.communicate()}")
-    time.sleep(0.3)  # mid-run: chunks are being parsed
-    return proc, children, out
+    procs = []
+
+    def start(workers: int, *args: str, script: str | None = None):
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "x.bin").write_bytes(b"old")  # an existing dataset at the prefix must survive every failure
+        (out / "x.idx").write_bytes(b"old")
+        argv = ["--no-progress", "--input", str(_long_input(tmp_path / "in.jsonl.gz")), "--output-prefix",
+                str(out / "x"), "--workers", str(workers), *args]
+        # faulthandler: a hang's stacks on SIGABRT (_exit_of). Ctrl-C as from a terminal, even where pytest itself
+        # runs with it ignored (nohup, `cmd &`), which the tool would inherit.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen([sys.executable, *(["-c", script] if script else [str(TOOL)]), *argv], cwd=ROOT,
+                                    env={**os.environ, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        procs.append(proc)
+        expected = workers if workers > 1 else 0
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None and (
+                len(psutil.Process(proc.pid).children()) < expected or not list(out.glob(".x.bin.tmp*"))):
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children() if proc.poll() is None else None
+        if children is None or len(children) != expected:
+            pytest.fail(f"the run did not get going: {proc.communicate(timeout=10)}")
+        time.sleep(0.3)  # mid-run: chunks are being parsed
+        return proc, children, out
+
+    yield start
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+
+def _exit_of(proc: subprocess.Popen, timeout: float = 10.0) -> str:
+    """The tool's stderr once it exits; if it is still running ``timeout`` s after the fault (it should take well
+    under a second), the test fails at once with the stacks of its threads: what a hang needs to be understood."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail(f"hung: still running {timeout} s after the fault; its threads:\n"
+                    f"{proc.communicate(timeout=10)[1]}")
 
 
 def _assert_untouched(out: Path):
@@ -293,23 +324,56 @@ def _gone(procs, timeout=10.0) -> bool:
     return all(p.status() == psutil.STATUS_ZOMBIE for p in alive)
 
 
-def test_killed_worker_fails_fast_names_input_and_cleans_up(tmp_path):
+def _assert_worker_died(proc: subprocess.Popen, stderr: str, tmp_path: Path):
+    assert proc.returncode == 1, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith(f"error: {tmp_path / 'in.jsonl.gz'}:"), stderr
+    assert "a worker process died parsing the chunk from this line" in stderr
+
+
+def test_killed_worker_fails_fast_names_input_and_cleans_up(launch, tmp_path):
     """What the OOM killer does to a worker: the main process must not hang, and must say which input it was."""
-    proc, workers, out = _start(tmp_path, 2, "--chunk-size-mb", "1")
+    proc, workers, out = launch(2, "--chunk-size-mb", "1")
     workers[0].kill()
-    start = time.time()
-    _, stderr = proc.communicate(timeout=60)
-    assert time.time() - start < 20
-    assert proc.returncode == 1
-    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and "worker process died" in stderr
-    assert f"{tmp_path / 'in.jsonl.gz'}:" in stderr
+    _assert_worker_died(proc, _exit_of(proc), tmp_path)
     _assert_untouched(out)
     assert _gone(workers)
 
 
-def test_killed_main_process_takes_its_workers_along(tmp_path):
+# Kills the first worker to send a result half-way through sending it (what made ProcessPoolExecutor hang: the
+# dead worker left a half-read message and the result pipe's lock held), then runs the tool as usual.
+_DIES_MID_RESULT = """
+import os, runpy, signal, sys
+from multiprocessing.connection import Connection
+
+main_pid, send_bytes = os.getpid(), Connection._send_bytes
+marker = os.path.join(os.path.dirname(sys.argv[sys.argv.index("--input") + 1]), "died")
+
+def send_half_and_die(self, buf):
+    if os.getpid() != main_pid and len(buf) > 1 << 20:  # a worker's result
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:  # another worker got there first
+            return send_bytes(self, buf)
+        self._send(len(buf).to_bytes(4, "big") + bytes(buf[:len(buf) // 2]))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return send_bytes(self, buf)
+
+Connection._send_bytes = send_half_and_die
+sys.argv[0] = "tools/preprocess_jsonl.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_worker_killed_while_sending_its_result(launch, tmp_path):
+    proc, workers, out = launch(2, "--chunk-size-mb", "4", script=_DIES_MID_RESULT)
+    _assert_worker_died(proc, _exit_of(proc), tmp_path)
+    _assert_untouched(out)
+    assert _gone(workers)
+
+
+def test_killed_main_process_takes_its_workers_along(launch, tmp_path):
     """kill -9 of the main process: no orphaned workers; its temporaries go with the next run at that prefix."""
-    proc, workers, out = _start(tmp_path, 2)
+    proc, workers, out = launch(2)
     proc.kill()
     proc.wait(timeout=10)
     assert _gone(workers, timeout=10), [w.pid for w in workers]
@@ -318,20 +382,63 @@ def test_killed_main_process_takes_its_workers_along(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["x.bin", "x.idx"]
 
 
-@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 2), (signal.SIGTERM, 2), (signal.SIGINT, 1)])
-def test_ctrl_c_and_sigterm_exit_cleanly(tmp_path, sig, workers):
-    """Ctrl-C reaches the whole process group (as from a terminal); SIGTERM only the main process (as from a
-    scheduler). Either way: a prompt exit with one line, nothing written, no temporaries, no workers left."""
-    proc, workers, out = _start(tmp_path, workers)
-    if sig == signal.SIGINT:
+@pytest.mark.parametrize("sig, to, workers", [(signal.SIGINT, "group", 2), (signal.SIGTERM, "main", 2),
+                                              (signal.SIGTERM, "group", 2), (signal.SIGINT, "group", 1)])
+def test_ctrl_c_and_sigterm_exit_cleanly(launch, sig, to, workers):
+    """Ctrl-C reaches the whole process group (as from a terminal), SIGTERM the main process (as from a scheduler or
+    docker stop) or the group (as from ``timeout``). Each way: a prompt exit with one line, nothing written, no
+    temporaries, no workers left."""
+    proc, workers, out = launch(workers)
+    if to == "group":
         os.killpg(proc.pid, sig)
     else:
         proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=30)
+    stderr = _exit_of(proc)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines() == [f"error: interrupted; nothing written ({out / 'x'})"]
     _assert_untouched(out)
     assert _gone(workers)
+
+
+def _square_or_die(x: int) -> int:
+    if x == 7:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+    time.sleep(0.002 * (x % 3))  # uneven work: results are ready out of order
+    return x * x
+
+
+def test_worker_pool_keeps_input_order_and_names_what_a_dead_worker_held():
+    import multiprocessing
+
+    from megatron_mobilellm.data.worker_pool import WorkerDied, imap_ordered
+    assert list(imap_ordered(abs, range(0, -60, -1), 3)) == list(range(60))
+    assert list(imap_ordered(_square_or_die, range(7), 3)) == [x * x for x in range(7)]
+    with pytest.raises(WorkerDied) as died:
+        list(imap_ordered(_square_or_die, range(60), 3))
+    assert died.value.item == 7  # not an earlier item of that worker whose result was sent but not yet read
+    assert multiprocessing.active_children() == []
+
+
+def test_worker_exception_reaches_the_caller_and_no_worker_is_left(tmp_path, monkeypatch):
+    """A bug in parsing (not bad input) raised in a worker is raised in the main process, saying where it was."""
+    import multiprocessing
+
+    import megatron_mobilellm.data.preprocess as preprocess_module
+
+    def parse_or_fail(chunk, opts):
+        if chunk.first_line > 1:
+            raise ZeroDivisionError("a bug")
+        return process_chunk(chunk, opts)
+
+    process_chunk = preprocess_module.process_chunk
+    monkeypatch.setattr(preprocess_module, "process_chunk", parse_or_fail)  # the forked workers inherit it
+    with pytest.raises(ZeroDivisionError, match="a bug") as raised:
+        preprocess_module.preprocess([str(_docs_jsonl(tmp_path / "in.jsonl", 50))], str(tmp_path / "x"),
+                                     preprocess_module.Options(), workers=2, chunk_bytes=20_000, progress=False)
+    notes = "".join(raised.value.__notes__)
+    assert notes.startswith("raised in a worker process:") and "in parse_or_fail" in notes
+    assert multiprocessing.active_children() == []
+    assert list(tmp_path.iterdir()) == [tmp_path / "in.jsonl"]
 
 
 # --- the file system under faults: disk full, read-only, folders in the way, unreadable or odd inputs -------------
@@ -384,6 +491,46 @@ def test_disk_full_on_tmpfs_is_one_line_and_keeps_old_dataset(tmp_path, small_tm
     assert str(small_tmpfs / "x.") in res.stderr
     assert {p.name: p.read_bytes() for p in small_tmpfs.iterdir()} == before  # no temporaries, old dataset intact
     assert shutil.disk_usage(small_tmpfs).used < 64 << 10
+
+
+# Runs a tool (the second argument) that sends itself SIGTERM right after its first call of ``os.<first argument>``:
+# fsync, the last step before the commit, or replace, the commit's first rename (the new .bin in place, not the .idx).
+_STOP_AFTER = """
+import os, runpy, signal, sys
+name = sys.argv.pop(1)
+call = getattr(os, name)
+
+def call_and_stop(*args):
+    call(*args)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+setattr(os, name, call_and_stop)
+sys.argv[0] = sys.argv.pop(1)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("tool", ["preprocess_jsonl", "merge_datasets"])
+@pytest.mark.parametrize("when", ["fsync", "replace"])
+def test_sigterm_during_the_commit_never_leaves_half_a_dataset(tmp_path, tool, when):
+    """SIGTERM (docker stop) as the output is renamed into place: the prefix holds the whole old dataset or the whole
+    new one, never a new .bin beside the old .idx, and the one line says which."""
+    src = _docs_jsonl(tmp_path / "in.jsonl", 3, tokens=10)
+    run_tool("--input", src, "--output-prefix", tmp_path / "a")
+    inputs = [src] if tool == "preprocess_jsonl" else [tmp_path / "a", tmp_path / "a"]
+    out = tmp_path / "out"
+    before = _old_dataset(out / "x")
+    res = subprocess.run([sys.executable, "-c", _STOP_AFTER, when, str(ROOT / "tools" / f"{tool}.py"),
+                          "--no-progress", "--input", *map(str, inputs), "--output-prefix", str(out / "x")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    done = "nothing written" if when == "fsync" else "already written in full"
+    assert (res.returncode, res.stderr) == (130, f"error: interrupted; {done} ({out / 'x'})\n")
+    if when == "fsync":
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    else:
+        assert sorted(p.name for p in out.iterdir()) == ["x.bin", "x.idx"]
+        ds = IndexedDataset(out / "x")
+        assert [ds[i].tolist() for i in range(len(ds))] == [list(range(10))] * 3 * len(inputs)
 
 
 @pytest.mark.parametrize("where", ["bin", "idx", "fsync"])

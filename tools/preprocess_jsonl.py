@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Callable
 
-from megatron_mobilellm.data.indexed_dataset import DatasetWriteError
+from megatron_mobilellm.data.indexed_dataset import DatasetWriteError, dataset_stamp
 from megatron_mobilellm.data.preprocess import Options, PreprocessError, preprocess
 from megatron_mobilellm.errors import ArgumentParser
 
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                    tokenizer_model=args.tokenizer_model, append_eos=args.append_eos,
                    prepend_bos=args.prepend_bos, skip_bad_lines=args.skip_bad_lines)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop cleans up like Ctrl-C
+    stamp = dataset_stamp(args.output_prefix)
     try:
         summary = preprocess(args.input, args.output_prefix, opts, workers=args.workers,
                              chunk_bytes=int(args.chunk_size_mb * (1 << 20)), progress=not args.no_progress)
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"error: interrupted; nothing written ({args.output_prefix})", file=sys.stderr)
+        done = "nothing written" if dataset_stamp(args.output_prefix) == stamp else "already written in full"
+        print(f"error: interrupted; {done} ({args.output_prefix})", file=sys.stderr)
         return 130
     print(summary.report())
     print(f"wrote {args.output_prefix}.bin and {args.output_prefix}.idx")

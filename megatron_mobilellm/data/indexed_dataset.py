@@ -53,6 +53,16 @@ def bin_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.bin")
 
 
+def dataset_stamp(prefix: str | Path) -> tuple[int, int, int] | None:
+    """The on-disk identity of the dataset at ``prefix`` (its ``.idx``, renamed into place last), or None: taken
+    before and after a run, it tells whether the run replaced the dataset, e.g. when a stop came during the commit."""
+    try:
+        st = idx_path(prefix).stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
 class DatasetWriteError(RuntimeError):
     """The output dataset cannot be written (disk full, permissions, a folder in the way); the message is one line
     naming the path. Nothing was left behind and an existing dataset at the prefix is untouched."""

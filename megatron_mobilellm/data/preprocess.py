@@ -11,29 +11,24 @@ parsed by numpy's C parser, and the rest of the object is validated by orjson. I
 plain ``orjson.loads`` path (``parse_ids_slow``) accepts with the same ids; any doubt sends the line there, which
 is also what produces the error messages, so both paths give the same result or the same error on every line.
 
-Workers run under a pool that notices a dead worker, die with the main process, and leave Ctrl-C to it; every
-failure leaves nothing behind (see ``IndexedDatasetWriter``).
+Workers run under a pool that no worker's death, the main process's death or Ctrl-C can hang
+(``worker_pool.imap_ordered``); every failure leaves nothing behind (see ``IndexedDatasetWriter``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import fnmatch
 import gzip
 import io
 import os
 import re
-import signal
 import stat
 import sys
 import time
 import zlib
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import dataclass, field
-from multiprocessing import get_all_start_methods, get_context
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -42,11 +37,11 @@ import orjson
 from tqdm import tqdm
 
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter, token_dtype
+from megatron_mobilellm.data.worker_pool import WorkerDied, imap_ordered
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 _JSON_WS = b" \t\r\n"
 _SEPARATORS = b"," + _JSON_WS
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _MAGIC = re.compile(r"[*?[]")  # what makes a path component a glob pattern (as in the glob module)
 
 
@@ -333,18 +328,9 @@ def parse_ids_slow(line: bytes, key: str, vocab_size: int) -> np.ndarray:
 _tokenizer = None
 
 
-def _init_worker(opts: Options, parent_pid: int | None = None) -> None:
-    """Per-process setup; in pool workers (``parent_pid`` given) also their signal behaviour: Ctrl-C is the main
-    process's to handle (it stops the pool), and a worker dies with the main process, even on kill -9, instead of
-    waiting for work forever."""
+def _init_worker(opts: Options) -> None:
+    """Per-process setup (in each pool worker, or in the main process with one worker): the tokenizer."""
     global _tokenizer
-    if parent_pid is not None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the main process died before the line above took effect
-            os._exit(1)
     if opts.tokenizer_model:
         import sentencepiece
 
@@ -403,43 +389,25 @@ def _parse_lines(chunk: Chunk, opts: Options, check_each_line: bool) -> ChunkRes
 def _parse_in_order(chunks: Iterator[Chunk], opts: Options, workers: int) -> Iterator[ChunkResult]:
     """Chunk results in input order, from ``workers`` processes (at most two chunks each in flight).
 
-    The pool notices a worker that dies (the OOM killer): the chunk it held is named in a PreprocessError and the
-    other workers are stopped. Closing this generator (an error or Ctrl-C in the caller) cancels what is queued
-    and waits only for the chunks being parsed.
+    A worker that dies (the OOM killer) stops the run with a PreprocessError naming the chunk it held. Closing
+    this generator (an error or Ctrl-C in the caller) kills the workers; nothing here can block on a dead one.
     """
     if workers == 1:
         _init_worker(opts)
         yield from (process_chunk(c, opts) for c in chunks)
         return
-    # fork: workers start in milliseconds and need not re-import the caller's __main__.
-    ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
-    pending: deque[tuple[Future, Chunk]] = deque()
-    with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=(opts, os.getpid())) as pool:
-        try:
-            for chunk in chunks:
-                try:
-                    pending.append((pool.submit(process_chunk, chunk, opts), chunk))
-                except BrokenProcessPool:  # a worker died since the last result; the oldest chunk is the suspect
-                    raise _worker_died(pending[0][1] if pending else chunk) from None
-                if len(pending) >= 2 * workers:
-                    yield _result(*pending.popleft())
-            while pending:
-                yield _result(*pending.popleft())
-        finally:
-            for future, _ in pending:
-                future.cancel()
-
-
-def _result(future: Future, chunk: Chunk) -> ChunkResult:
     try:
-        return future.result()
-    except BrokenProcessPool:
-        raise _worker_died(chunk) from None
+        yield from imap_ordered(partial(process_chunk, opts=opts), chunks, workers, partial(_init_worker, opts))
+    except WorkerDied as e:
+        raise _worker_died(e.item) from None
 
 
-def _worker_died(chunk: Chunk) -> PreprocessError:
+def _worker_died(chunk: Chunk | None) -> PreprocessError:
+    hint = "(out of memory? try fewer --workers or a smaller --chunk-size-mb)"
+    if chunk is None:  # it died before it was given any work
+        return PreprocessError(f"a worker process died {hint}")
     return PreprocessError(f"{chunk.path}:{chunk.first_line}: a worker process died parsing the chunk from this line "
-                           "(out of memory? try fewer --workers or a smaller --chunk-size-mb)")
+                           + hint)
 
 
 def preprocess(inputs: list[str], output_prefix: str, opts: Options, workers: int = 1,
