@@ -123,17 +123,33 @@ def write_error_message(err: OSError, path: str | Path) -> str:
 
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """A fresh temporary directory that replaces ``path`` (and whatever was there) when the block completes."""
+    """A fresh temporary directory that replaces ``path`` (and whatever was there) when the block completes.
+
+    The old directory is renamed aside before the new one is renamed in and deleted only after, so a kill -9 at
+    any moment leaves the old or the new one in place (or the old one under its ``.old-<pid>`` name), never neither.
+    """
     path = Path(path)
     tmp = _tmp_name(path)
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
         with _stop_signals_deferred():
             if path.exists():
-                shutil.rmtree(path)
+                _remove(aside)
+                os.replace(path, aside)
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside.exists() and not path.exists():  # the new one did not go in: put the old one back
+            os.replace(aside, path)
         raise
+    _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
