@@ -3,6 +3,7 @@ on a different number of ranks. Each proves that relaunching the same command co
 
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import env, free_port, logged_losses, make_corpus, read_scalars, run_pretrain, tiny_args
+from megatron_mobilellm import pretrain
 from megatron_mobilellm.training.guard import BadStepPolicy
 
 CORPUS_DOCS = 200
@@ -91,20 +93,25 @@ def test_kill9_during_save_resumes_from_previous_complete_checkpoint(corpus, tmp
     assert (save / "latest").read_text() == "iter_0000030" and (save / "iter_0000020" / "manifest.json").exists()
 
 
-def test_damaged_latest_falls_back_with_a_warning(corpus, tmp_path):
-    save = tmp_path / "ckpt"
-    run_pretrain(common(corpus, tmp_path, save, **{"--train-iters": 20, "--keep-last": 2}), nproc=1)
-    shard = sorted((save / "iter_0000020").glob("*optim_states.pt"))[0]
+@pytest.fixture(scope="module")
+def kept_two(corpus, tmp_path_factory):
+    """A 40-iteration run on one rank that saved every 10 iterations with --keep-last 2."""
+    work = tmp_path_factory.mktemp("keep_last")
+    run_pretrain(common(corpus, work, work / "ckpt", **{"--train-iters": 40, "--keep-last": 2}), nproc=1)
+    return work / "ckpt"
+
+
+def test_keep_last_prunes_old_checkpoints(kept_two):
+    assert sorted(p.name for p in kept_two.glob("iter_*")) == ["iter_0000030", "iter_0000040"]
+
+
+def test_damaged_latest_falls_back_with_a_warning(corpus, tmp_path, kept_two):
+    save = shutil.copytree(kept_two, tmp_path / "ckpt")
+    shard = sorted((save / "iter_0000040").glob("*optim_states.pt"))[0]
     shard.write_bytes(shard.read_bytes()[:100])  # a truncated shard after the fact
-    res = run_pretrain(common(corpus, tmp_path, save, **{"--train-iters": 20}), nproc=1)
+    res = run_pretrain(common(corpus, tmp_path, save, **{"--train-iters": 40}), nproc=1)
     assert "warning: skipping checkpoint" in res.stdout and "has 100 bytes, the manifest says" in res.stdout
-    assert "resumed from" in res.stdout and "at iteration 10" in res.stdout
-
-
-def test_keep_last_prunes_old_checkpoints(corpus, tmp_path):
-    save = tmp_path / "ckpt"
-    run_pretrain(common(corpus, tmp_path, save, **{"--train-iters": 40, "--keep-last": 2}), nproc=1)
-    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000030", "iter_0000040"]
+    assert "resumed from" in res.stdout and "at iteration 30" in res.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
@@ -202,12 +209,14 @@ def corrupt(prefix: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind,message", [("magic", "bad magic"), ("version", "unsupported index version 7"),
                                           ("bin_size", "truncated or mismatched pair"),
                                           ("missing_bin", "no such file")])
-def test_data_faults_fail_before_training(tmp_path, kind, message):
+def test_data_faults_fail_before_training(tmp_path, capsys, kind, message):
     data = make_corpus(tmp_path / "d", num_docs=30)
     bad_file = corrupt(data, kind)
-    res = run_pretrain(tiny_args(data, tmp_path), check=False)
-    assert res.returncode == 1 and str(bad_file) in res.stderr and message in res.stderr
-    assert "iteration" not in res.stdout
+    with pytest.raises(SystemExit) as exc:  # the trainer's entry point in this process: it stops before any
+        pretrain.main(tiny_args(data, tmp_path))  # process group or model exists
+    out, err = capsys.readouterr()
+    assert exc.value.code == 1 and str(bad_file) in err and message in err
+    assert "iteration" not in out
 
 
 def fewer_args(corpus, work, zero, save, **more):
