@@ -30,12 +30,11 @@ def tool(name, *args):
                           text=True, env=env(), timeout=600, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(corpus, tmp_path_factory):
-    """A ZeRO-2 run on one rank: model states, optimizer partition and RNG files, as every stage writes them."""
-    work = tmp_path_factory.mktemp("ckpt")
-    run_pretrain(tiny_args(corpus, work, iters=2, zero=2, **{"--save": work / "ckpt", "--eval-iters": 0}))
-    return work / "ckpt"
+@pytest.fixture
+def checkpoint(zero2_checkpoint):
+    """conftest's ZeRO-2 checkpoint: these tests only read it or change copies (an export that wrote into it
+    would fail here first)."""
+    return zero2_checkpoint
 
 
 def planted_copy(checkpoint, tmp_path, kind):

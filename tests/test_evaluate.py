@@ -20,6 +20,7 @@ except ImportError:
 
 from eval_fixtures import ROWS, export, task_rows, tiny_model, train_tokenizer, write_task_files  # noqa: E402
 from helpers import ROOT, env, make_corpus, read_scalars, run_pretrain, tiny_args  # noqa: E402
+from megatron_mobilellm import pretrain  # noqa: E402
 from megatron_mobilellm.config import get_config  # noqa: E402
 from megatron_mobilellm.checkpoint_layout import read_checkpoint  # noqa: E402
 from megatron_mobilellm.convert.hf_format import write_hf  # noqa: E402
@@ -76,28 +77,37 @@ def test_fixture_run_prints_the_eight_rows_and_average(work, tmp_path):
 
 
 def _memorised_model(tasks, tokenizer_path, max_steps=600):
-    """A tiny model trained on lm-eval's own context + correct continuation of every row until it recalls them."""
+    """A tiny model trained on lm-eval's own context + correct continuation of every row until it recalls the
+    continuations. Training sees whole rows; recall is judged on the continuation tokens alone, since a row's
+    first tokens cannot be predicted from what precedes them (the whole-row loss levels off near 0.04)."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    seqs = []
+    seqs, contexts = [], []
     for task in tasks:
         for doc in task.eval_docs:
             choices, gold = task.doc_to_choice(doc), task.doc_to_target(doc)
             text = task.doc_to_text(doc) + task.config.target_delimiter + choices[gold]
             seqs.append([sp.bos_id(), *sp.encode(text)])
+            contexts.append(1 + len(sp.encode(task.doc_to_text(doc))))
     width = max(map(len, seqs))
     ids = torch.tensor([s + [IGNORE_INDEX] * (width - len(s)) for s in seqs])
+    continuations = ids.clone()
+    for row, n in zip(continuations, contexts):
+        row[:n] = IGNORE_INDEX
     model = tiny_model(seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(max_steps):
+    for step in range(1, max_steps + 1):
         loss = model(ids[:, :-1].clamp(min=0), labels=ids[:, 1:])
-        if loss.item() < 0.02:
-            break
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.1, loss.item()
+        if step % 10 == 0:
+            with torch.no_grad():
+                recall = model(ids[:, :-1].clamp(min=0), labels=continuations[:, 1:]).item()
+            if recall < 0.02:
+                break
+    assert recall < 0.02, recall
     return model
 
 
@@ -217,7 +227,7 @@ def trained(work, tmp_path_factory):
     return d, args, run_pretrain(args + ["--tensorboard-dir", str(d / "tb_train")])
 
 
-def test_skip_train_logs_the_last_validation_loss_and_writes_nothing(trained):
+def test_skip_train_logs_the_last_validation_loss_and_writes_nothing(trained, capsys):
     d, args, res = trained
     last = [line for line in res.stdout.splitlines() if line.startswith(" validation at iteration 6 ")]
     saved = sorted(p.name for p in (d / "ckpt").iterdir())
@@ -231,9 +241,10 @@ def test_skip_train_logs_the_last_validation_loss_and_writes_nothing(trained):
     scalars, trained_scalars = read_scalars(d / "tb"), read_scalars(d / "tb_train")
     assert scalars["valid/loss"] == {6: trained_scalars["valid/loss"][6]}  # bitwise, as logged
     assert set(scalars["test/loss"]) == {6} and "train/loss" not in scalars
-    res = run_pretrain(args + ["--skip-train"], check=False)
-    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1] == \
-        "error: --skip-train needs a checkpoint to evaluate (--load)"
+    with pytest.raises(SystemExit) as exc:  # the trainer's entry point in this process: refused at parsing
+        pretrain.main(args + ["--skip-train"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1 and err[-1] == "error: --skip-train needs a checkpoint to evaluate (--load)"
 
 
 def test_checkpoint_is_exported_and_evaluated(work, trained, tmp_path):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -79,9 +80,16 @@ def common(corpus, work, save, **kw):
                                                         "--eval-iters": 0, "--log-interval": 5, **kw})
 
 
-def test_rollback_resume_sets_aside_newer_tags(corpus, tmp_path):
-    save = tmp_path / "ckpt"
-    run_pretrain(common(corpus, tmp_path, save, **{"--train-iters": 30}))
+@pytest.fixture(scope="module")
+def three_saves(corpus, tmp_path_factory):
+    """A 30-iteration run on one rank saved at 10, 20 and 30 (latest 30); the tests below change copies of it."""
+    work = tmp_path_factory.mktemp("three_saves")
+    run_pretrain(common(corpus, work, work / "ckpt", **{"--train-iters": 30}))
+    return work / "ckpt"
+
+
+def test_rollback_resume_sets_aside_newer_tags(corpus, tmp_path, three_saves):
+    save = shutil.copytree(three_saves, tmp_path / "ckpt")
     write_latest(save, "iter_0000010")
     res = run_pretrain(common(corpus, tmp_path, save, **{"--keep-last": 1}))
     assert "resumed from" in res.stdout and "at iteration 10" in res.stdout
@@ -92,17 +100,18 @@ def test_rollback_resume_sets_aside_newer_tags(corpus, tmp_path):
     assert json.loads((save / "iter_0000030.set-aside-1" / "manifest.json").read_text())["iteration"] == 30
 
 
-def test_all_tags_invalid_stops_unless_told_to_start_over(corpus, tmp_path):
-    save = tmp_path / "ckpt"
-    run_pretrain(common(corpus, tmp_path, save))
+def test_all_tags_invalid_stops_unless_told_to_start_over(corpus, tmp_path, three_saves):
+    save = shutil.copytree(three_saves, tmp_path / "ckpt")
     (save / "iter_0000010" / "manifest.json").unlink()
-    shard = sorted((save / "iter_0000020").glob("*optim_states.pt"))[0]
-    shard.write_bytes(shard.read_bytes()[:100])
+    for tag in ("iter_0000020", "iter_0000030"):
+        shard = sorted((save / tag).glob("*optim_states.pt"))[0]
+        shard.write_bytes(shard.read_bytes()[:100])
     before = {p: p.read_bytes() for p in save.rglob("*") if p.is_file()}
     res = run_pretrain(common(corpus, tmp_path, save), check=False)
     assert res.returncode == 1 and "iteration" not in res.stdout.replace("at iteration", "")
     error = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "iter_0000010: no manifest" in error[0] and "iter_0000020: " in error[0]
+    assert len(error) == 1 and "iter_0000010: no manifest" in error[0]
+    assert "iter_0000020: " in error[0] and "iter_0000030: " in error[0]
     assert {p: p.read_bytes() for p in save.rglob("*") if p.is_file()} == before
     res = run_pretrain(common(corpus, tmp_path, save, **{"--override-invalid-checkpoints": ""}))
     assert "starting from scratch" in res.stdout and "done: 20 iterations" in res.stdout
@@ -240,11 +249,10 @@ def test_importer_refuses_tensors_it_would_drop(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_exporter_refuses_zero_checkpoint_without_fp32_masters(corpus, tmp_path):
+def test_exporter_refuses_zero_checkpoint_without_fp32_masters(zero2_checkpoint, tmp_path):
     from megatron_mobilellm.checkpoint_layout import read_checkpoint
 
-    save = tmp_path / "ckpt"
-    run_pretrain(tiny_args(corpus, tmp_path, iters=2, zero=2, **{"--save": save, "--eval-iters": 0}))
+    save = shutil.copytree(zero2_checkpoint, tmp_path / "ckpt")
     for f in (save / "iter_0000002").glob("*optim_states.pt"):
         f.unlink()
     cmd = [sys.executable, str(ROOT / "tools" / "convert_checkpoint_to_hf.py"), "--checkpoint", str(save),
