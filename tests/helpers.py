@@ -82,6 +82,15 @@ def env() -> dict[str, str]:
     return e
 
 
+def run_tool(name: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python tools/<name> args...`` as a user runs it (own process, the repository as working directory)."""
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
+                         text=True, env=env(), timeout=timeout, cwd=ROOT)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
 def tiny_args(data: Path, workdir: Path, iters: int = 20, zero: int = 2, **overrides) -> list[str]:
     args = {"--model-size": "tiny", "--data-path": str(data), "--seq-length": "64", "--micro-batch-size": "2",
             "--global-batch-size": "8", "--train-iters": str(iters), "--lr": "3e-3", "--lr-warmup-iters": "2",

@@ -1,13 +1,11 @@
 """No checkpoint file can run code, and no export can delete what the exporter did not write."""
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, env, run_pretrain, tiny_args
+from helpers import run_pretrain, run_tool, tiny_args
 from megatron_mobilellm.checkpoint_layout import consolidate, latest_tag, read_manifest, write_manifest
 from megatron_mobilellm.errors import CheckpointError
 from megatron_mobilellm.safe_load import weights_only_loads
@@ -23,11 +21,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def tool(name, *args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
-                          text=True, env=env(), timeout=600, cwd=ROOT)
 
 
 @pytest.fixture
@@ -70,7 +63,7 @@ def test_consolidation_refuses_a_planted_object(checkpoint, tmp_path, kind):
 
 def test_export_refuses_a_planted_object(checkpoint, tmp_path):
     ckpt, marker = planted_copy(checkpoint, tmp_path, KINDS[1])
-    res = tool("convert_checkpoint_to_hf.py", "--checkpoint", ckpt, "--output", tmp_path / "hf")
+    res = run_tool("convert_checkpoint_to_hf.py", "--checkpoint", ckpt, "--output", tmp_path / "hf", check=False)
     last = res.stderr.strip().splitlines()[-1]
     assert res.returncode == 1 and last.startswith("error: refusing to load"), res.stderr[-2000:]
     assert "Traceback" not in res.stderr
@@ -94,21 +87,25 @@ def test_export_never_replaces_the_checkpoint(checkpoint, tmp_path, where):
     shutil.copytree(checkpoint, ckpt)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     output = {"same": ckpt, "parent": ckpt.parent, "inside": ckpt / "hf"}[where]
-    res = tool("convert_checkpoint_to_hf.py", "--checkpoint", ckpt, "--output", output, "--overwrite")
+    res = run_tool("convert_checkpoint_to_hf.py", "--checkpoint", ckpt, "--output", output, "--overwrite",
+                   check=False)
     assert res.returncode == 1 and "is, holds or lies inside the checkpoint" in res.stderr, res.stderr[-2000:]
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_overwrite_replaces_only_an_earlier_export(checkpoint, tmp_path):
     hf = tmp_path / "hf"
-    assert tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoint, "--output", hf).returncode == 0
-    res = tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoint, "--output", hf, "--overwrite")
+    run_tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoint, "--output", hf)
+    res = run_tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoint, "--output", hf, "--overwrite",
+                   check=False)
     assert res.returncode == 0, res.stderr[-2000:]  # an earlier export is replaced
     (hf / "notes.txt").write_text("mine")
-    res = tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoint, "--output", hf, "--overwrite")
+    res = run_tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoint, "--output", hf, "--overwrite",
+                   check=False)
     assert res.returncode == 1 and "holds more than an earlier export (notes.txt)" in res.stderr
     assert (hf / "notes.txt").read_text() == "mine"
     other = tmp_path / "other"
     (other / "data").mkdir(parents=True)
-    res = tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoint, "--output", other, "--overwrite")
+    res = run_tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoint, "--output", other, "--overwrite",
+                   check=False)
     assert res.returncode == 1 and (other / "data").is_dir()

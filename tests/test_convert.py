@@ -1,15 +1,13 @@
 """DeepSpeed checkpoint → Hugging Face → back, verified by logits and generation against transformers."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from helpers import ROOT, env, run_pretrain, tiny_args
+from helpers import run_pretrain, run_tool, tiny_args
 from megatron_mobilellm.checkpoint_layout import read_checkpoint, read_model_config, resolve_tag
 from megatron_mobilellm.convert.hf_format import read_hf
 from megatron_mobilellm.data.indexed_dataset import IndexedDatasetWriter
@@ -17,14 +15,6 @@ from megatron_mobilellm.generation import generate
 from megatron_mobilellm.model import MobileLLM
 
 CORPUS_DOCS = 100
-
-
-def tool(name, *args, check=True):
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
-                         text=True, env=env(), timeout=600, cwd=ROOT)
-    if check:
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return res
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +41,7 @@ def our_model(ckpt) -> MobileLLM:
 @pytest.mark.parametrize("key", [(3, False), (1, True)], ids=["zero3", "zero1-ls"])
 def test_export_matches_ours_in_logits_and_greedy_generation(checkpoints, tmp_path, key):
     ckpt = checkpoints[key]
-    res = tool("convert_checkpoint_to_hf.py", "--checkpoint", ckpt, "--output", tmp_path / "hf", "--dtype", "fp32",
+    res = run_tool("convert_checkpoint_to_hf.py", "--checkpoint", ckpt, "--output", tmp_path / "hf", "--dtype", "fp32",
                "--verify")
     assert "verify: max |Δlogits|" in res.stdout
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -72,7 +62,7 @@ def test_export_matches_ours_in_logits_and_greedy_generation(checkpoints, tmp_pa
 
 def test_mobilellm_format_is_compact_and_equivalent(checkpoints, tmp_path):
     ckpt = checkpoints[(1, True)]
-    tool("convert_checkpoint_to_hf.py", "--checkpoint", ckpt, "--output", tmp_path / "m", "--dtype", "fp32",
+    run_tool("convert_checkpoint_to_hf.py", "--checkpoint", ckpt, "--output", tmp_path / "m", "--dtype", "fp32",
          "--format", "mobilellm", "--verify")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["layer_sharing"] is True and cfg["share_embedding"] is True and cfg["num_hidden_layers"] == 2
@@ -92,7 +82,7 @@ def test_memorised_sequence_survives_export(tmp_path):
     run_pretrain(tiny_args(tmp_path / "rep", tmp_path, iters=60, zero=1,
                            **{"--save": tmp_path / "ckpt", "--eval-iters": 0, "--lr": "1e-2", "--seq-length": 32,
                               "--log-interval": 10}))
-    tool("convert_checkpoint_to_hf.py", "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "hf",
+    run_tool("convert_checkpoint_to_hf.py", "--checkpoint", tmp_path / "ckpt", "--output", tmp_path / "hf",
          "--dtype", "fp32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     prompt = torch.tensor([np.tile(pattern, 2)[3:11].tolist()])
@@ -105,9 +95,9 @@ def test_memorised_sequence_survives_export(tmp_path):
 
 
 def test_hf_round_trip_is_bit_exact_and_training_starts_from_it(corpus, checkpoints, tmp_path):
-    tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoints[(3, False)], "--output", tmp_path / "hf1",
+    run_tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoints[(3, False)], "--output", tmp_path / "hf1",
          "--dtype", "fp32")
-    tool("convert_hf_to_checkpoint.py", "--hf", tmp_path / "hf1", "--output", tmp_path / "imported")
+    run_tool("convert_hf_to_checkpoint.py", "--hf", tmp_path / "hf1", "--output", tmp_path / "imported")
     # Re-export the imported weights: the files must be identical to the first export.
     from megatron_mobilellm.convert.hf_format import write_hf
     from safetensors.torch import load_file
@@ -133,7 +123,7 @@ def test_hf_round_trip_is_bit_exact_and_training_starts_from_it(corpus, checkpoi
 
 
 def test_released_style_bin_without_lm_head(tmp_path, checkpoints):
-    tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoints[(1, True)], "--output", tmp_path / "m",
+    run_tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoints[(1, True)], "--output", tmp_path / "m",
          "--dtype", "fp32", "--format", "mobilellm")
     from safetensors.torch import load_file
     tensors = load_file(tmp_path / "m" / "model.safetensors")
@@ -152,7 +142,7 @@ def test_tokenizer_round_trips_like_sentencepiece(checkpoints, tmp_path):
                                    model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
                                    remove_extra_whitespaces=False, minloglevel=2, bos_id=1, eos_id=2, unk_id=0,
                                    pad_id=-1)
-    tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoints[(3, False)], "--output", tmp_path / "hf",
+    run_tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoints[(3, False)], "--output", tmp_path / "hf",
          "--tokenizer-model", tmp_path / "sp.model")
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -166,14 +156,14 @@ def test_tokenizer_round_trips_like_sentencepiece(checkpoints, tmp_path):
 
 
 def test_bad_inputs_give_clear_errors_and_no_output(checkpoints, tmp_path):
-    res = tool("convert_checkpoint_to_hf.py", "--checkpoint", tmp_path / "none", "--output", tmp_path / "o",
+    res = run_tool("convert_checkpoint_to_hf.py", "--checkpoint", tmp_path / "none", "--output", tmp_path / "o",
                check=False)
     assert res.returncode == 1 and "no such directory" in res.stderr
     (tmp_path / "empty").mkdir()
-    res = tool("convert_checkpoint_to_hf.py", "--checkpoint", tmp_path / "empty", "--output", tmp_path / "o",
+    res = run_tool("convert_checkpoint_to_hf.py", "--checkpoint", tmp_path / "empty", "--output", tmp_path / "o",
                check=False)
     assert res.returncode == 1 and "no 'latest' file" in res.stderr
-    res = tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoints[(3, False)], "--tag", "iter_0000099",
+    res = run_tool("convert_checkpoint_to_hf.py", "--checkpoint", checkpoints[(3, False)], "--tag", "iter_0000099",
                "--output", tmp_path / "o", check=False)
     assert res.returncode == 1 and "no checkpoint with tag 'iter_0000099' (available: iter_0000006)" in res.stderr
     import shutil
@@ -181,7 +171,7 @@ def test_bad_inputs_give_clear_errors_and_no_output(checkpoints, tmp_path):
     shutil.copytree(checkpoints[(3, False)], broken)
     shard = sorted((broken / "iter_0000006").glob("*optim_states.pt"))[0]
     shard.write_bytes(shard.read_bytes()[:1000])
-    res = tool("convert_checkpoint_to_hf.py", "--checkpoint", broken, "--output", tmp_path / "o", check=False)
+    res = run_tool("convert_checkpoint_to_hf.py", "--checkpoint", broken, "--output", tmp_path / "o", check=False)
     assert res.returncode == 1 and "could not consolidate" in res.stderr
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
 
@@ -194,5 +184,5 @@ def test_finetune_takes_weights_only(corpus, checkpoints, tmp_path):
     fresh = (ckpt.parent / "stdout.txt").read_text()  # that checkpoint's own run: from scratch, same data and seed
     first = lambda out: float(out.split("lm loss")[1].split("|")[0])  # noqa: E731
     assert first(res.stdout) < first(fresh) - 0.2  # starts from the trained weights, not from scratch
-    res = tool("convert_hf_to_checkpoint.py", "--hf", tmp_path / "missing", "--output", tmp_path / "x", check=False)
+    res = run_tool("convert_hf_to_checkpoint.py", "--hf", tmp_path / "missing", "--output", tmp_path / "x", check=False)
     assert res.returncode == 1 and "no config.json" in res.stderr

@@ -4,8 +4,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ except ImportError:
     pytest.skip("lm-eval is not installed (pip install -e '.[eval]')", allow_module_level=True)
 
 from eval_fixtures import ROWS, export, task_rows, tiny_model, train_tokenizer, write_task_files  # noqa: E402
-from helpers import ROOT, env, make_corpus, read_scalars, run_pretrain, tiny_args  # noqa: E402
+from helpers import ROOT, make_corpus, read_scalars, run_pretrain, run_tool, tiny_args  # noqa: E402
 from megatron_mobilellm import pretrain  # noqa: E402
 from megatron_mobilellm.config import get_config  # noqa: E402
 from megatron_mobilellm.checkpoint_layout import read_checkpoint  # noqa: E402
@@ -36,11 +34,7 @@ PROSE = ("The river runs past the old stone mill, where children count the cloud
 
 
 def evaluate_tool(*args, check=True):
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *map(str, args)],
-                         capture_output=True, text=True, env=env(), timeout=900, cwd=ROOT)
-    if check:
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    return res
+    return run_tool("evaluate.py", *args, check=check, timeout=900)
 
 
 @pytest.fixture(scope="module")

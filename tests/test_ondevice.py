@@ -4,15 +4,13 @@ import importlib
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from helpers import ROOT, env, make_corpus, require, run_pretrain, tiny_args
+from helpers import ROOT, make_corpus, require, run_pretrain, run_tool, tiny_args
 from megatron_mobilellm.config import ModelConfig
 
 
@@ -91,11 +89,7 @@ def random_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def tool(*args, check=True):
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "export_ondevice.py"), *map(str, args)],
-                         capture_output=True, text=True, env=env(), timeout=600, cwd=ROOT)
-    if check:
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return res
+    return run_tool("export_ondevice.py", *args, check=check)
 
 
 def hf_export(tmp_path, cfg, tokenizer, seed=0):
