@@ -20,7 +20,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "transformers", "megatron-core==0.16.1", "triton", "matplotlib"],
+        "dev": ["pytest", "pytest-xdist", "transformers", "megatron-core==0.16.1", "triton", "matplotlib"],
         "flash": ["flash-attn"],
         # --attention-backend fa4 (SM90/SM100): newer nvidia-cutlass-dsl wheels lack cutlass.cute (docs/performance.md)
         "fa4": ["flash-attn-4==4.0.0b18", "nvidia-cutlass-dsl==4.5.3", "quack-kernels==0.5.0"],

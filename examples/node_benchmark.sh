@@ -8,8 +8,9 @@
 #    its losses compared with an uninterrupted run (tools/compare_losses.py).
 # Environment: GPUS (8), FEWER (2), OUT, STAGES ("scaling large resume"), PRESETS ("125M 350M"), MICRO_BATCH (32),
 # LARGE_PRESETS ("1B 1.5B"), LARGE_MICRO_BATCH (8), ZEROS ("1 2 3"), SEQ (2048), STEPS (10), WARMUP (4),
-# RESUME_PRESET (125M), RESUME_ITERS (60), VOCAB (32000), FAST ("on": whole-decoder compile and CUDA graphs;
-# ZeRO-3 compiles block by block without graphs, the resume runs without graphs; empty: eager, e.g. on CPU).
+# RESUME_PRESET (125M), RESUME_ITERS (60), VOCAB (32000), MASTER_PORT (29500, the launcher's), FAST ("on":
+# whole-decoder compile and CUDA graphs; ZeRO-3 compiles block by block without graphs, the resume runs without
+# graphs; empty: eager, e.g. on CPU).
 set -euo pipefail
 GPUS=${GPUS:-8}
 FEWER=${FEWER:-2}
@@ -24,6 +25,7 @@ SEQ=${SEQ:-2048}
 RESUME_PRESET=${RESUME_PRESET:-125M}
 RESUME_ITERS=${RESUME_ITERS:-60}
 FAST=${FAST-on}
+PORT=${MASTER_PORT:-29500}
 mkdir -p "$OUT"
 
 speed_flags() {  # speed_flags ZERO [graphs]: the fastest options each ZeRO stage allows
@@ -41,7 +43,8 @@ bench() {  # bench NPROC ZERO JSON PRESETS... (micro-batch from $MB)
     CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} python -m megatron_mobilellm.benchmark "${args[@]}" \
       $(speed_flags "$zero" graphs)
   else
-    deepspeed --num_gpus "$nproc" --module megatron_mobilellm.benchmark "${args[@]}" $(speed_flags "$zero" graphs)
+    deepspeed --num_gpus "$nproc" --master_port "$PORT" --module megatron_mobilellm.benchmark "${args[@]}" \
+      $(speed_flags "$zero" graphs)
   fi
 }
 
@@ -77,7 +80,11 @@ case " $STAGES " in *" resume "*)
          --micro-batch-size "$MICRO_BATCH" --global-batch-size $(( MICRO_BATCH * GPUS ))
          --train-iters "$RESUME_ITERS" --lr 5e-4 --lr-warmup-iters 5 --deepspeed_config ds_configs/zero2.json
          --eval-iters 0 --log-interval 1 --save-interval "$half" $(speed_flags 2))
-  run() { local n=$1; shift; deepspeed --num_gpus "$n" --module megatron_mobilellm.pretrain "${train[@]}" "$@"; }
+  run() {
+    local n=$1
+    shift
+    deepspeed --num_gpus "$n" --master_port "$PORT" --module megatron_mobilellm.pretrain "${train[@]}" "$@"
+  }
   run "$GPUS" --save "$OUT/resume/ref" --load "$OUT/resume/ref" --tensorboard-dir "$OUT/resume/tb_ref"
   run "$GPUS" --save "$OUT/resume/ckpt" --load "$OUT/resume/ckpt" --exit-interval "$half" \
     --tensorboard-dir "$OUT/resume/tb_first_half"

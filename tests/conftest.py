@@ -6,6 +6,26 @@ import torch
 from helpers import make_corpus, run_pretrain, tiny_args
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # The workers share the cores: torch's default of one intra-op thread per core in each would oversubscribe
+    # them (measured: in-process tests took twice the CPU time, spinning).
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Run whole test directories on two pytest-xdist workers, one test file at a time per worker.
+
+    Most tests wait on one process (a launched trainer, a tool), so a single pytest keeps ~1.2 of 2 cores busy;
+    two workers fill both. Whole files stay on one worker so module fixtures (shared training runs) are built once.
+    Left alone: an explicit ``-n``/``-p no:xdist``, ``--pdb``, a run of single files or tests, xdist's own workers,
+    and a machine with one core."""
+    workers = min(2, len(os.sched_getaffinity(0)))
+    if (not config.pluginmanager.hasplugin("xdist") or config.option.numprocesses is not None
+            or config.getoption("usepdb") or os.environ.get("PYTEST_XDIST_WORKER") or workers < 2):
+        return
+    if all(os.path.isdir(arg.split("::")[0]) for arg in config.args):
+        config.option.numprocesses, config.option.dist = workers, "loadfile"
 
 
 @pytest.fixture(scope="module")

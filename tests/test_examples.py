@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, env, fake_slurm
+from helpers import ROOT, env, fake_slurm, free_port
 from megatron_mobilellm.training.arguments import parse_args
 
 
@@ -96,7 +96,7 @@ def test_node_benchmark_script_scales_and_resumes_on_cpu(tmp_path):
     """The one-call node measurement (examples/node_benchmark.sh) in miniature: 2 CPU ranks stand in for a node."""
     small = {"GPUS": "2", "FEWER": "1", "OUT": str(tmp_path), "STAGES": "scaling resume", "PRESETS": "tiny",
              "MICRO_BATCH": "2", "SEQ": "64", "ZEROS": "2", "STEPS": "2", "WARMUP": "1", "FAST": "",
-             "RESUME_PRESET": "tiny", "RESUME_ITERS": "10", "VOCAB": "512"}
+             "RESUME_PRESET": "tiny", "RESUME_ITERS": "10", "VOCAB": "512", "MASTER_PORT": str(free_port())}
     res = subprocess.run(["bash", str(ROOT / "examples" / "node_benchmark.sh")], env={**env(), **small},
                          capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

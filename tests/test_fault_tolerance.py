@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import env, free_port, logged_losses, make_corpus, read_scalars, run_pretrain, tiny_args
+from helpers import free_port, logged_losses, make_corpus, read_scalars, run_pretrain, tiny_args, trainer_env
 from megatron_mobilellm import pretrain
 from megatron_mobilellm.training.guard import BadStepPolicy
 
@@ -26,7 +26,7 @@ def launch(args, nproc=2, extra_env=None):
         [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
          "-m", "megatron_mobilellm.pretrain", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**env(), **(extra_env or {})}, start_new_session=True)
+                            env={**trainer_env(args), **(extra_env or {})}, start_new_session=True)
 
 
 def wait_for_line(proc, needle, timeout=300):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, env, free_port, require, require_tools, run_pretrain, tiny_args
+from helpers import ROOT, env, free_port, require, require_tools, run_pretrain, tiny_args, trainer_env
 from megatron_mobilellm.checkpoint_layout import iteration_tags, write_latest, write_manifest
 from megatron_mobilellm.errors import CheckpointError
 from megatron_mobilellm.training.checkpointing import _prune, plan_resume, set_aside_newer
@@ -153,7 +153,7 @@ def test_terminating_the_deepspeed_launcher_saves_and_stops_the_ranks(corpus, tm
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "megatron_mobilellm.pretrain",
            *common(corpus, tmp_path, save, **{"--train-iters": 1000, "--save-interval": 1000, "--log-interval": 1})]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=trainer_env(cmd),
                             cwd=tmp_path, start_new_session=True)
     try:
         seen = []
@@ -185,7 +185,7 @@ def in_small_tmpfs(mount: Path, options: str, cmd: list[str]) -> subprocess.Comp
     mount.mkdir()
     script = 'mount -t tmpfs -o "$1" tmpfs "$0" || exit 99; shift; "$@"; rc=$?; echo "left: $(cd "$0" && find . -mindepth 1)"; exit $rc'
     res = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(mount), options, *cmd], capture_output=True,
-                         text=True, env=env(), timeout=600, cwd=ROOT)
+                         text=True, env=trainer_env(cmd), timeout=600, cwd=ROOT)
     require(res.returncode != 99, f"cannot mount a tmpfs in a user namespace ({res.stderr.strip()[-200:]})")
     return res
 
