@@ -38,11 +38,12 @@ def test_comparison_runs_each_configuration_in_a_fresh_process(tmp_path):
 def test_single_configuration_in_process_with_profile(tmp_path):
     out = tmp_path / "bench.json"
     res = bench(["--run", "ours", "--stock-zero-reductions", "--json", str(out), "--profile", "--trace",
-                 str(tmp_path / "trace.json.gz")])
+                 str(tmp_path / "trace.json.gz"), "--sync-debug"])
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["world_size"] == 1 and [r["name"] for r in data["rows"]] == ["ours zero1 stock-reductions"]
     assert "Self CPU" in res.stdout  # the profiler's kernel table
+    assert "host syncs: not measured on cpu (CUDA only)" in res.stdout  # --sync-debug: a CUDA sync-debug mode
     with gzip.open(tmp_path / "trace.json.gz") as f:
         assert json.load(f)["traceEvents"]  # --trace: a Chrome trace of our profiled steps
 
