@@ -76,37 +76,56 @@ def time_steps(step, device: torch.device, warmup: int, steps: int, sync_debug: 
     return times
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # what torch's sync-debug mode "warn" says at each sync
+
+
 @contextlib.contextmanager
 def report_host_syncs(steps: int, device: torch.device):
     """Print every place that made the host wait for the GPU (``.item()``, ``bool()`` of a device tensor, a copy
     to the host...) inside the block, with how often per step and the Python stack that got there: while the host
-    waits it issues no work, and the GPU runs dry once its queue is empty. The benchmark's own synchronisation
-    after each timed step is explicit and not counted."""
-    seen: dict[tuple, int] = {}
-
-    def record(message, category, filename, lineno, file=None, line=None) -> None:
-        frames = [f for f in traceback.extract_stack()[:-1] if f.filename not in (__file__, warnings.__file__)][-5:]
-        key = (str(message).split("\n")[0], tuple(f"{f.filename}:{f.lineno} {f.name}" for f in frames))
-        seen[key] = seen.get(key, 0) + 1
-
+    waits it issues no work, and the GPU runs dry once its queue is empty. Explicit waits (the benchmark's own
+    synchronisation after each timed step, ``Event.synchronize``) are not counted."""
     if device.type != "cuda":
         yield
         print(f"host syncs: not measured on {device.type} (CUDA only)")
         return
     torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with collect_sync_warnings() as seen:
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print(format_sync_report(seen, steps))
+
+
+@contextlib.contextmanager
+def collect_sync_warnings():
+    """Count the sync-debug warnings raised inside the block by (message, innermost Python frames); other warnings
+    go on as usual."""
+    seen: dict[tuple[str, tuple[str, ...]], int] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("always")
+        show = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None) -> None:
+            text = str(message)
+            if SYNC_WARNING not in text:
+                return show(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename not in (__file__, warnings.__file__)]
+            key = (text.split("\n")[0], tuple(f"{f.filename}:{f.lineno} {f.name}" for f in frames[-5:]))
+            seen[key] = seen.get(key, 0) + 1
+
         warnings.showwarning = record
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    print(f"host syncs in {steps} timed steps: {sum(seen.values())} "
-          f"({sum(seen.values()) / max(steps, 1):.1f} per step)")
+        yield seen
+
+
+def format_sync_report(seen: dict[tuple[str, tuple[str, ...]], int], steps: int) -> str:
+    steps = max(steps, 1)
+    lines = [f"host syncs in {steps} timed steps: {sum(seen.values())} ({sum(seen.values()) / steps:.1f} per step)"]
     for (message, frames), count in sorted(seen.items(), key=lambda kv: -kv[1]):
-        print(f"  {count / max(steps, 1):.1f} per step: {message}")
-        for frame in frames:
-            print(f"      {frame}")
+        lines.append(f"  {count / steps:.1f} per step: {message}")
+        lines += [f"      {frame}" for frame in frames]
+    return "\n".join(lines)
 
 
 def random_batch(cfg: ModelConfig, micro: int, seq: int, device: torch.device, seed: int = 0):

@@ -74,3 +74,25 @@ def test_markov_corpus_uses_its_states_and_fixed_successors():
     assert all(len(set(followers)) <= 4 for followers in pairs.values())
     again = module.markov_tokens(np.random.default_rng(0), vocab=1000, n=20000, states=50, successors=4)
     assert np.array_equal(tokens, again)
+
+
+def test_sync_report_counts_each_sync_per_step_with_its_stack():
+    """--sync-debug's bookkeeping (on CPU the sync-debug mode itself is unavailable, so the warning that mode
+    raises at each host sync is raised by hand): counted per call site and step, other warnings passed on."""
+    import warnings
+
+    from megatron_mobilellm.benchmark import SYNC_WARNING, collect_sync_warnings, format_sync_report
+
+    def optimizer_step():
+        warnings.warn(f"{SYNC_WARNING} (Triggered internally at CUDAFunctions.cpp:162.)")
+
+    with warnings.catch_warnings(record=True) as passed_on:
+        with collect_sync_warnings() as seen:
+            for _ in range(3):
+                optimizer_step()
+                warnings.warn("an unrelated warning")
+    assert [str(w.message) for w in passed_on] == ["an unrelated warning"] * 3
+    report = format_sync_report(seen, 3).splitlines()
+    assert report[0] == "host syncs in 3 timed steps: 3 (1.0 per step)"
+    assert report[1].startswith(f"  1.0 per step: {SYNC_WARNING}")
+    assert report[-1].endswith(" optimizer_step") and "test_benchmark.py" in report[-1]
