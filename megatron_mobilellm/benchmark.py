@@ -20,6 +20,10 @@ DeepSpeed with bf16 and fp32 master weights, the baselines with bf16 autocast an
 clipping) on random tokens, ``--warmup`` steps first, then ``--steps`` steps each with a device synchronisation
 around it; the median step. MFU uses the trainer's FLOP count (6·N_matmul + 12·L·d·s per token) and the GPU's
 dense bf16 peak. Runs on CPU with the ``tiny`` preset as a smoke test (times are then meaningless).
+
+Diagnosis of our step: ``--profile`` (the top GPU kernels of 3 steps; ``--trace`` also writes a Chrome trace) and
+``--sync-debug`` (every host-device synchronisation in the timed steps, with its Python stack: each one lets the
+GPU run dry while the host catches up).
 """
 
 from __future__ import annotations
