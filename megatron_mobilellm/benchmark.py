@@ -20,11 +20,16 @@ DeepSpeed with bf16 and fp32 master weights, the baselines with bf16 autocast an
 clipping) on random tokens, ``--warmup`` steps first, then ``--steps`` steps each with a device synchronisation
 around it; the median step. MFU uses the trainer's FLOP count (6·N_matmul + 12·L·d·s per token) and the GPU's
 dense bf16 peak. Runs on CPU with the ``tiny`` preset as a smoke test (times are then meaningless).
+
+Diagnosis of our step: ``--profile`` (the top GPU kernels of 3 steps; ``--trace`` also writes a Chrome trace) and
+``--sync-debug`` (every host-device synchronisation in the timed steps, with its Python stack: each one lets the
+GPU run dry while the host catches up).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -33,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,6 +56,7 @@ from megatron_mobilellm.training.distributed import init_distributed
 from megatron_mobilellm.training.ds_config import build_ds_config
 from megatron_mobilellm.training.engine import build_engine, check_cuda_graphs
 from megatron_mobilellm.training.metrics import achieved_tflops, detect_peak_tflops, flops_per_token
+from megatron_mobilellm.training.zero_overflow import restore_stock
 
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -58,17 +66,70 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
+def time_steps(step, device: torch.device, warmup: int, steps: int, sync_debug: bool = False) -> list[float]:
     for _ in range(warmup):
         step()
     sync(device)
     times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
+    with report_host_syncs(steps, device) if sync_debug else contextlib.nullcontext():
+        for _ in range(steps):
+            t = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - t)
     return times
+
+
+SYNC_WARNING = "called a synchronizing CUDA operation"  # what torch's sync-debug mode "warn" says at each sync
+
+
+@contextlib.contextmanager
+def report_host_syncs(steps: int, device: torch.device):
+    """Print every place that made the host wait for the GPU (``.item()``, ``bool()`` of a device tensor, a copy
+    to the host...) inside the block, with how often per step and the Python stack that got there: while the host
+    waits it issues no work, and the GPU runs dry once its queue is empty. Explicit waits (the benchmark's own
+    synchronisation after each timed step, ``Event.synchronize``) are not counted."""
+    if device.type != "cuda":
+        yield
+        print(f"host syncs: not measured on {device.type} (CUDA only)")
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with collect_sync_warnings() as seen:
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print(format_sync_report(seen, steps))
+
+
+@contextlib.contextmanager
+def collect_sync_warnings():
+    """Count the sync-debug warnings raised inside the block by (message, innermost Python frames); other warnings
+    go on as usual."""
+    seen: dict[tuple[str, tuple[str, ...]], int] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        show = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None) -> None:
+            text = str(message)
+            if SYNC_WARNING not in text:
+                return show(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename not in (__file__, warnings.__file__)]
+            key = (text.split("\n")[0], tuple(f"{f.filename}:{f.lineno} {f.name}" for f in frames[-5:]))
+            seen[key] = seen.get(key, 0) + 1
+
+        warnings.showwarning = record
+        yield seen
+
+
+def format_sync_report(seen: dict[tuple[str, tuple[str, ...]], int], steps: int) -> str:
+    steps = max(steps, 1)
+    lines = [f"host syncs in {steps} timed steps: {sum(seen.values())} ({sum(seen.values()) / steps:.1f} per step)"]
+    for (message, frames), count in sorted(seen.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {count / steps:.1f} per step: {message}")
+        lines += [f"      {frame}" for frame in frames]
+    return "\n".join(lines)
 
 
 def random_batch(cfg: ModelConfig, micro: int, seq: int, device: torch.device, seed: int = 0):
@@ -87,9 +148,8 @@ def ours(preset: str, micro: int, seq: int, device: torch.device, opts: argparse
                               wsd_decay_iters=200)
     engine, _, _ = build_engine(cfg, engine_config(opts), OptimizerConfig(optimizer=opts.optimizer), schedule, device,
                                 ds_config)
-    if opts.stock_zero_reductions:  # the fused versions are instance attributes shadowing DeepSpeed's methods
-        for name in ("has_overflow_partitioned_grads_serial", "get_grad_norm_direct"):
-            engine.optimizer.__dict__.pop(name, None)
+    if opts.stock_zero_reductions:
+        restore_stock(engine.optimizer)
     tokens, labels = random_batch(cfg, micro, seq, device)
 
     def step() -> None:
@@ -138,7 +198,7 @@ def measure(kind: str, preset: str, micro: int, seq: int, device: torch.device, 
             cfg, step, keep = ours(preset, micro, seq, device, opts)
         else:
             cfg, step, keep = baseline(kind, preset, micro, seq, device)
-        times = time_steps(step, device, opts.warmup, opts.steps)
+        times = time_steps(step, device, opts.warmup, opts.steps, opts.sync_debug)
         if opts.profile:
             profile(step, device, opts.trace)
     except torch.OutOfMemoryError:
@@ -215,6 +275,7 @@ def child_argv(opts: argparse.Namespace, kind: str, preset: str, micro: int, jso
         argv += ["--stock-zero-reductions"] if opts.stock_zero_reductions else []
         argv += ["--profile"] if opts.profile else []
         argv += ["--trace", opts.trace] if opts.trace else []
+        argv += ["--sync-debug"] if opts.sync_debug else []
     return argv
 
 
@@ -244,7 +305,7 @@ def compare(opts: argparse.Namespace) -> tuple[list[dict], dict]:
         bar.set_postfix_str(f"{preset} mb{micro} {kind}")
         row, data, stdout = run_child(opts, kind, preset, micro, seq)
         meta.update((k, v) for k, v in data.items() if k not in ("rows", "command"))
-        if (opts.profile and kind == "ours") or "failed" in row.get("error", ""):
+        if ((opts.profile or opts.sync_debug) and kind == "ours") or "failed" in row.get("error", ""):
             tqdm.write(stdout)
         tqdm.write(f"{row['name']} {preset} mb{micro}: "
                    + (row["error"] if "error" in row else f"{row['tokens_per_sec']:,.0f} tok/s"))
@@ -287,6 +348,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 of our steps")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="list the host-device synchronisations of our timed steps, with their Python stacks (CUDA)")
     p.add_argument("--trace", default=None, help="with --profile: also write a Chrome trace here (.json or .json.gz)")
     opts = p.parse_args(argv)
 

@@ -38,11 +38,12 @@ def test_comparison_runs_each_configuration_in_a_fresh_process(tmp_path):
 def test_single_configuration_in_process_with_profile(tmp_path):
     out = tmp_path / "bench.json"
     res = bench(["--run", "ours", "--stock-zero-reductions", "--json", str(out), "--profile", "--trace",
-                 str(tmp_path / "trace.json.gz")])
+                 str(tmp_path / "trace.json.gz"), "--sync-debug"])
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["world_size"] == 1 and [r["name"] for r in data["rows"]] == ["ours zero1 stock-reductions"]
     assert "Self CPU" in res.stdout  # the profiler's kernel table
+    assert "host syncs: not measured on cpu (CUDA only)" in res.stdout  # --sync-debug: a CUDA sync-debug mode
     with gzip.open(tmp_path / "trace.json.gz") as f:
         assert json.load(f)["traceEvents"]  # --trace: a Chrome trace of our profiled steps
 
@@ -73,3 +74,25 @@ def test_markov_corpus_uses_its_states_and_fixed_successors():
     assert all(len(set(followers)) <= 4 for followers in pairs.values())
     again = module.markov_tokens(np.random.default_rng(0), vocab=1000, n=20000, states=50, successors=4)
     assert np.array_equal(tokens, again)
+
+
+def test_sync_report_counts_each_sync_per_step_with_its_stack():
+    """--sync-debug's bookkeeping (on CPU the sync-debug mode itself is unavailable, so the warning that mode
+    raises at each host sync is raised by hand): counted per call site and step, other warnings passed on."""
+    import warnings
+
+    from megatron_mobilellm.benchmark import SYNC_WARNING, collect_sync_warnings, format_sync_report
+
+    def optimizer_step():
+        warnings.warn(f"{SYNC_WARNING} (Triggered internally at CUDAFunctions.cpp:162.)")
+
+    with warnings.catch_warnings(record=True) as passed_on:
+        with collect_sync_warnings() as seen:
+            for _ in range(3):
+                optimizer_step()
+                warnings.warn("an unrelated warning")
+    assert [str(w.message) for w in passed_on] == ["an unrelated warning"] * 3
+    report = format_sync_report(seen, 3).splitlines()
+    assert report[0] == "host syncs in 3 timed steps: 3 (1.0 per step)"
+    assert report[1].startswith(f"  1.0 per step: {SYNC_WARNING}")
+    assert report[-1].endswith(" optimizer_step") and "test_benchmark.py" in report[-1]

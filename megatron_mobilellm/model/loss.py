@@ -50,6 +50,16 @@ def _chunk_loss_and_grad(logits, y, n_valid, acc_dtype, compute_grad):
     return _compiled_chunk(logits, y, n_valid, acc_dtype, compute_grad)
 
 
+def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc`` and lower-precision ``a``, ``b``. On CUDA the GEMM adds its fp32
+    accumulator into ``acc`` itself (cuBLAS with an fp32 output and beta = 1): no bf16 product to write, upcast and
+    add — three passes over a [vocab, d] tensor per chunk — and no rounding of each chunk's product to bf16."""
+    if acc.is_cuda and a.dtype != acc.dtype:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += (a @ b).to(acc.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
@@ -67,7 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss += chunk_loss
             if compute_grad:
                 grad_hidden[start:start + chunk_size] = grad_logits @ weight
-                grad_weight += (grad_logits.t() @ h).to(acc_dtype)
+                _add_matmul_(grad_weight, grad_logits.t(), h)
         if compute_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss / n_valid

@@ -12,7 +12,7 @@ from megatron_mobilellm.training.config import EngineConfig, OptimizerConfig, Sc
 from megatron_mobilellm.training.guard import NonFiniteGradGuard
 from megatron_mobilellm.training.lr_scheduler import LRScheduler
 from megatron_mobilellm.training.optimizer import build_optimizer
-from megatron_mobilellm.training.zero_overflow import fuse_grad_norm, fuse_overflow_check
+from megatron_mobilellm.training.zero_overflow import defer_overflow_sync, fuse_grad_norm, fuse_overflow_check
 
 
 def check_cuda_graphs(cuda_graphs: bool, ds_config: dict, ds_config_path: str) -> None:
@@ -54,6 +54,7 @@ def build_engine(model_cfg: ModelConfig, cfg: EngineConfig, optimizer_cfg: Optim
                                                    lr_scheduler=lambda opt: LRScheduler(opt, schedule))
     fuse_overflow_check(engine.optimizer)
     fuse_grad_norm(engine.optimizer)
+    defer_overflow_sync(engine.optimizer)
     plain_fp32 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     guard = NonFiniteGradGuard(optimizer, scheduler) if plain_fp32 else None
     return engine, scheduler, guard
