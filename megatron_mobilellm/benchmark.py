@@ -52,7 +52,7 @@ from megatron_mobilellm.config import PRESETS, ModelConfig, get_config
 from megatron_mobilellm.errors import ArgumentParser, ConfigError
 from megatron_mobilellm.training.arguments import add_engine_arguments, engine_config
 from megatron_mobilellm.training.config import OPTIMIZERS, EngineConfig, OptimizerConfig, ScheduleConfig
-from megatron_mobilellm.training.distributed import init_distributed
+from megatron_mobilellm.training.distributed import exit_without_teardown, init_distributed
 from megatron_mobilellm.training.ds_config import build_ds_config
 from megatron_mobilellm.training.engine import build_engine, check_cuda_graphs
 from megatron_mobilellm.training.metrics import achieved_tflops, detect_peak_tflops, flops_per_token
@@ -379,3 +379,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown()

@@ -26,7 +26,7 @@ from megatron_mobilellm.errors import CheckpointError, ConfigError, DatasetForma
 from megatron_mobilellm.training.arguments import data_parallel_checks, parse_args, run_config
 from megatron_mobilellm.training.checkpointing import (TrainState, check_resume, check_save_dir, decide_resume,
                                                        initial_weights, load_checkpoint, prepare_universal)
-from megatron_mobilellm.training.distributed import init_distributed, rank0_print
+from megatron_mobilellm.training.distributed import exit_without_teardown, init_distributed, rank0_print
 from megatron_mobilellm.training.ds_config import build_ds_config
 from megatron_mobilellm.training.engine import build_engine, check_cuda_graphs
 from megatron_mobilellm.training.loop import Trainer
@@ -123,3 +123,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown()

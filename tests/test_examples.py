@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, env, fake_slurm, free_port
+from helpers import ROOT, fake_slurm, free_port, trainer_env
 from megatron_mobilellm.training.arguments import parse_args
 
 
@@ -97,7 +97,8 @@ def test_node_benchmark_script_scales_and_resumes_on_cpu(tmp_path):
     small = {"GPUS": "2", "FEWER": "1", "OUT": str(tmp_path), "STAGES": "scaling resume", "PRESETS": "tiny",
              "MICRO_BATCH": "2", "SEQ": "64", "ZEROS": "2", "STEPS": "2", "WARMUP": "1", "FAST": "",
              "RESUME_PRESET": "tiny", "RESUME_ITERS": "10", "VOCAB": "512", "MASTER_PORT": str(free_port())}
-    res = subprocess.run(["bash", str(ROOT / "examples" / "node_benchmark.sh")], env={**env(), **small},
+    # Eager throughout (FAST empty) and no baselines (the bare --baseline): trainer_env's Dynamo switch applies.
+    res = subprocess.run(["bash", str(ROOT / "examples" / "node_benchmark.sh")], env={**trainer_env([]), **small},
                          capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| ours zero2")]
