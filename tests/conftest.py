@@ -6,10 +6,16 @@ import torch
 from helpers import make_corpus, run_pretrain, tiny_args
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # The workers share the cores: torch's default of one intra-op thread per core in each would oversubscribe
     # them (measured: in-process tests took twice the CPU time, spinning).
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -20,7 +26,7 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     two workers fill both. Whole files stay on one worker so module fixtures (shared training runs) are built once.
     Left alone: an explicit ``-n``/``-p no:xdist``, ``--pdb``, a run of single files or tests, xdist's own workers,
     and a machine with one core."""
-    workers = min(2, len(os.sched_getaffinity(0)))
+    workers = min(2, usable_cores())
     if (not config.pluginmanager.hasplugin("xdist") or config.option.numprocesses is not None
             or config.getoption("usepdb") or os.environ.get("PYTEST_XDIST_WORKER") or workers < 2):
         return
