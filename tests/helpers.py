@@ -112,14 +112,18 @@ def tiny_args(data: Path, workdir: Path, iters: int = 20, zero: int = 2, **overr
     return flat
 
 
+def pretrain_cmd(args: list[str], nproc: int = 1) -> list[str]:
+    """The trainer as a user starts it: plain ``python -m`` for one rank, under ``torchrun`` for more."""
+    if nproc == 1:
+        return [sys.executable, "-m", "megatron_mobilellm.pretrain", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+            "-m", "megatron_mobilellm.pretrain", *args]
+
+
 def run_pretrain(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True,
                  cwd: Path | None = None) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_mobilellm.pretrain", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={free_port()}", "-m", "megatron_mobilellm.pretrain", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=trainer_env(args), timeout=timeout, cwd=cwd or ROOT)
+    res = subprocess.run(pretrain_cmd(args, nproc), capture_output=True, text=True, env=trainer_env(args),
+                         timeout=timeout, cwd=cwd or ROOT)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res

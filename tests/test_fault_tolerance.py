@@ -7,14 +7,13 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import free_port, logged_losses, make_corpus, read_scalars, run_pretrain, tiny_args, trainer_env
+from helpers import logged_losses, make_corpus, pretrain_cmd, read_scalars, run_pretrain, tiny_args, trainer_env
 from megatron_mobilellm import pretrain
 from megatron_mobilellm.training.guard import BadStepPolicy
 
@@ -22,10 +21,7 @@ CORPUS_DOCS = 200
 
 
 def launch(args, nproc=2, extra_env=None):
-    cmd = [sys.executable, "-m", "megatron_mobilellm.pretrain", *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-         "-m", "megatron_mobilellm.pretrain", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(pretrain_cmd(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**trainer_env(args), **(extra_env or {})}, start_new_session=True)
 
 
